@@ -1,0 +1,129 @@
+"""Model files -> config, tensors, parameters: Hugging Face directories (safetensors) and GGUF files."""
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.config import ConfigError, ModelConfig
+
+
+class LoadError(Exception):
+    """Model files are missing or damaged; one line naming the file and what is wrong."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelFiles:
+    """Where a model's files are: a HF directory (config.json + safetensors) or one GGUF file."""
+    path: Path
+    format: str                          # 'hf' | 'gguf'
+
+    @classmethod
+    def at(cls, path: str | Path) -> "ModelFiles":
+        path = Path(path)
+        if path.is_file():
+            if path.suffix == ".gguf":
+                return cls(path, "gguf")
+            raise LoadError(f"{path}: not a model (expected a .gguf file or a directory with config.json)")
+        if path.is_dir():
+            if (path / "config.json").exists():
+                return cls(path, "hf")
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return cls(ggufs[0], "gguf")
+            if ggufs:
+                raise LoadError(f"{path}: holds several .gguf files ({', '.join(g.name for g in ggufs)}); "
+                                "name one")
+            raise LoadError(f"{path}: no config.json and no .gguf file in this directory")
+        raise LoadError(f"{path}: no such file or directory")
+
+
+def load_config(files: ModelFiles) -> ModelConfig:
+    try:
+        if files.format == "gguf":
+            from engine.gguf import read_gguf
+            return ModelConfig.from_hf_dict(read_gguf(files.path).hf_config(), str(files.path))
+        return ModelConfig.from_file(files.path / "config.json")
+    except ConfigError as e:
+        raise LoadError(str(e)) from None
+
+
+def iter_weights(files: ModelFiles, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF parameter name, tensor) pairs, converted to `dtype`."""
+    if files.format == "gguf":
+        from engine.gguf import read_gguf
+        yield from read_gguf(files.path).iter_tensors(dtype)
+        return
+    for shard in safetensors_files(files.path):
+        from safetensors import safe_open
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name).to(dtype)
+        except Exception as e:  # the library's errors are not one class; rewrap with the file name
+            raise LoadError(f"{shard}: cannot read safetensors ({e})") from None
+
+
+def safetensors_files(directory: Path) -> list[Path]:
+    """The checkpoint shards, validated: the index's files exist and no file is truncated."""
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise LoadError(f"{index}: malformed index ({e})") from None
+        shards = [directory / name for name in sorted(set(weight_map.values()))]
+    else:
+        shards = sorted(directory.glob("*.safetensors"))
+        if not shards:
+            raise LoadError(f"{directory}: no *.safetensors weights found")
+    for shard in shards:
+        check_safetensors(shard)
+    return shards
+
+
+def check_safetensors(path: Path) -> None:
+    """Read the header and make sure every tensor's bytes are inside the file."""
+    if not path.exists():
+        raise LoadError(f"{path}: file not found (named by the checkpoint index)")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise LoadError(f"{path}: truncated safetensors file (no header)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8:
+            raise LoadError(f"{path}: truncated safetensors file (header says {header_len} bytes, "
+                            f"file has {size - 8})")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise LoadError(f"{path}: corrupt safetensors header") from None
+    data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + data_end > size:
+        raise LoadError(f"{path}: truncated safetensors file ({size} bytes, tensors need "
+                        f"{8 + header_len + data_end})")
+
+
+def load_model(files: ModelFiles, config: ModelConfig, dtype: torch.dtype, device: torch.device,
+               max_positions: int) -> torch.nn.Module:
+    """Build the model on `device` in `dtype` and fill it from the checkpoint."""
+    from engine.models import model_class
+    from engine.models.layers import rope_cos_sin_cache
+    from kernels import get_ops
+    cls = model_class(config.family)
+    with torch.device("meta"):
+        model = cls(config, get_ops(device.type), max_positions)
+    model = model.to_empty(device=device).to(dtype)
+    # Buffers computed at construction (the rotary table) were lost on meta: compute them for real.
+    model.cos_sin_cache = rope_cos_sin_cache(config.head_dim, config.rope_theta, config.rope_scaling,
+                                             max_positions).to(device)
+    try:
+        model.load_weights(iter_weights(files, dtype), str(files.path))
+    except ValueError as e:
+        raise LoadError(str(e)) from None
+    return model.eval()

@@ -1,0 +1,87 @@
+"""Llama family decoder (Llama 2/3, Mistral, SmolLM): embeddings, N decoder layers, final norm, LM head."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from engine.attention import AttentionMetadata
+from engine.config import ModelConfig
+from engine.models.layers import DecoderLayer, RMSNorm, rope_cos_sin_cache
+
+# Checkpoint projection name -> (our fused parameter, shard index). Fusing at load time turns three
+# (or two) matmuls per layer into one.
+FUSED_SHARDS = {
+    "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+}
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, ops: ModuleType, max_positions: int):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, ops) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(
+            config.hidden_size, config.vocab_size, bias=False)
+        self.register_buffer("cos_sin_cache", rope_cos_sin_cache(
+            config.head_dim, config.rope_theta, config.rope_scaling, max_positions), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions: [T] -> final hidden states [T, H]."""
+        x = self.embed_tokens(input_ids)
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x, residual = layer(positions, x, residual, self.cos_sin_cache, kv_cache, meta)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return torch.matmul(hidden, weight.t()).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
+        """Copy checkpoint tensors (HF names) into our parameters, fusing q/k/v and gate/up."""
+        params = dict(self.named_parameters())
+        loaded: dict[str, set[int]] = {}
+        for name, tensor in weights:
+            name = name.removeprefix("model.")
+            if "rotary_emb" in name or (name == "lm_head.weight" and self.lm_head is None):
+                continue
+            target, shard = name, None
+            for ckpt_name, (fused, index) in FUSED_SHARDS.items():
+                if f".{ckpt_name}." in name:
+                    target, shard = name.replace(ckpt_name, fused), index
+                    break
+            param = params.get(target)
+            if param is None:
+                continue  # extra tensors (e.g. unused heads) are not an error
+            dst = param.data if shard is None else self._shard(target, param.data, shard)
+            _copy(dst, tensor, source, name)
+            loaded.setdefault(target, set()).add(shard or 0)
+        for pname in params:
+            num_shards = 3 if ".qkv_proj." in pname else 2 if ".gate_up_proj." in pname else 1
+            if len(loaded.get(pname, ())) != num_shards:
+                raise ValueError(f"{source}: checkpoint lacks weights for {pname}")
+
+    def _shard(self, target: str, data: torch.Tensor, shard: int) -> torch.Tensor:
+        c = self.config
+        if "qkv_proj" in target:
+            q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+            sizes = [q, kv, kv]
+        else:
+            sizes = [c.intermediate_size, c.intermediate_size]
+        start = sum(sizes[:shard])
+        return data.narrow(0, start, sizes[shard])
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor, source: str, name: str) -> None:
+    if tuple(dst.shape) != tuple(src.shape):
+        raise ValueError(f"{source}: tensor {name} has shape {tuple(src.shape)}, "
+                         f"the config implies {tuple(dst.shape)}")
+    dst.copy_(src)
