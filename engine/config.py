@@ -133,3 +133,22 @@ def _rope_scaling(raw: dict[str, Any], source: str) -> RopeScaling | None:
         high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
         original_max_position_embeddings=int(rs.get("original_max_position_embeddings",
                                                     raw.get("max_position_embeddings", 8192))))
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """What the engine core needs to start; picklable (it crosses into the engine process)."""
+    model: str                               # resolved local path: a HF directory or a .gguf file
+    served_name: str = ""                    # canonical model name (defaults to the path)
+    dtype: str = "auto"                      # auto: float32 on CPU, bfloat16 on CUDA
+    device: str = "auto"                     # auto | cuda | cpu
+    max_model_len: int | str | None = None   # None: the model's context; 'auto': the most the cache holds
+    block_size: int = 16
+    kv_cache_gib: float | None = None        # KV budget in GiB (default on CPU: 2)
+    kv_cache_memory_fraction: float = 0.90   # on CUDA: fraction of GPU memory for weights + KV
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    seed: int = 0
+    num_threads: int | None = None           # torch CPU threads in the engine process (None: all cores)

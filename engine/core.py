@@ -1,0 +1,306 @@
+"""EngineCore: schedule -> run the model -> sample -> update, one step at a time (in-process)."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig, ModelConfig
+from engine.loader import LoadError, ModelFiles, load_config, load_model
+from engine.messages import EngineInfo, EngineRequest, EngineStats, TokenOutput
+from engine.model_runner import ModelRunner
+from engine.request import Sequence
+from engine.sampler import Sampler, SamplingRow
+from engine.scheduler import Scheduler, SchedulerConfig
+
+log = logging.getLogger("llm.engine")
+CPU_DEFAULT_KV_GIB = 2.0
+
+
+class StartupError(Exception):
+    """The engine cannot start with this configuration; the message says what would work."""
+
+
+@dataclass
+class _RequestState:
+    request: EngineRequest
+    seqs: list[Sequence]
+    generators: list[torch.Generator | None]
+    cumulative_logprobs: list[float]
+    # best_of > n: every sample's tokens are held until all finish, then the n best are sent.
+    held: list[list[int]] = field(default_factory=list)
+    num_finished: int = 0
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, on_phase: Callable[[str], None] = lambda phase: None):
+        start = time.monotonic()
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.device = _pick_device(config.device)
+        on_phase("loading weights")
+        files = ModelFiles.at(config.model)
+        self.model_config = model_config = load_config(files)
+        self.dtype = _pick_dtype(config.dtype, self.device)
+        max_model_len = _initial_max_model_len(config, model_config)
+        self.model = load_model(files, model_config, self.dtype, self.device, max_positions=max_model_len)
+        on_phase("allocating KV cache")
+        num_blocks = self._num_kv_blocks(model_config)
+        capacity = num_blocks * config.block_size
+        if config.max_model_len == "auto":
+            max_model_len = min(max_model_len, capacity)
+        elif capacity < max_model_len:
+            raise StartupError(
+                f"the KV cache holds {capacity} tokens ({num_blocks} blocks of {config.block_size}), "
+                f"less than one sequence of max_model_len={max_model_len}: set max_model_len <= "
+                f"{capacity} (or 'auto'), or give the cache more memory")
+        self.max_model_len = max_model_len
+        self.runner = ModelRunner(self.model, model_config, num_blocks, config.block_size, self.dtype, self.device)
+        self.eos_token_ids, self.default_sampling = _generation_defaults(files, model_config)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(max_num_seqs=config.max_num_seqs,
+                            max_num_batched_tokens=max(config.max_num_batched_tokens, config.block_size),
+                            max_model_len=max_model_len, block_size=config.block_size,
+                            enable_prefix_caching=config.enable_prefix_caching,
+                            enable_chunked_prefill=config.enable_chunked_prefill),
+            self.block_manager, self.eos_token_ids)
+        self.sampler = Sampler()
+        self.requests: dict[str, _RequestState] = {}
+        self._seq_owner: dict[str, tuple[str, int]] = {}
+        self.num_requests_finished = 0
+        self.info = EngineInfo(
+            model_name=config.served_name or config.model, max_model_len=max_model_len,
+            num_blocks=num_blocks, block_size=config.block_size, kv_capacity_tokens=capacity,
+            device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
+            eos_token_ids=tuple(sorted(self.eos_token_ids)), vocab_size=model_config.vocab_size,
+            is_embedding_model=False, load_seconds=time.monotonic() - start,
+            default_sampling=self.default_sampling)
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def add_request(self, request: EngineRequest) -> list[TokenOutput]:
+        """Queue a request; returns an immediate error output when it cannot ever run."""
+        rid = request.request_id
+        error = self._check_request(request)
+        if error:
+            return [TokenOutput(rid, i, [], finish_reason="error", error=error,
+                                num_prompt_tokens=len(request.prompt_token_ids))
+                    for i in range(request.params.n)]
+        params = request.params
+        state = _RequestState(request=request, seqs=[], generators=[], cumulative_logprobs=[])
+        for i in range(params.num_samples):
+            seq = Sequence(f"{rid}#{i}", request.prompt_token_ids, params, request.arrival_time)
+            state.seqs.append(seq)
+            state.generators.append(None if params.seed is None else
+                                    torch.Generator().manual_seed(params.seed + i))
+            state.cumulative_logprobs.append(0.0)
+            state.held.append([])
+            self._seq_owner[seq.seq_id] = (rid, i)
+            self.scheduler.add(seq)
+        self.requests[rid] = state
+        return []
+
+    def abort(self, request_ids: list[str]) -> list[TokenOutput]:
+        outputs = []
+        for rid in request_ids:
+            state = self.requests.pop(rid, None)
+            if state is None:
+                continue
+            for i, seq in enumerate(state.seqs):
+                self.scheduler.abort(seq.seq_id)
+                self._seq_owner.pop(seq.seq_id, None)
+                if i < state.request.params.n:
+                    outputs.append(TokenOutput(rid, i, [], finish_reason="abort"))
+        return outputs
+
+    def fail_all(self, message: str) -> list[TokenOutput]:
+        """After an internal error: end every request with an error and free its blocks."""
+        outputs = []
+        for rid in list(self.requests):
+            for out in self.abort([rid]):
+                outputs.append(TokenOutput(rid, out.index, [], finish_reason="error", error=message))
+        return outputs
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def _check_request(self, request: EngineRequest) -> str | None:
+        n_prompt = len(request.prompt_token_ids)
+        if n_prompt == 0:
+            return "the prompt is empty"
+        vocab = self.model_config.vocab_size
+        if any(t < 0 or t >= vocab for t in request.prompt_token_ids):
+            return f"prompt token ids must be in [0, {vocab})"
+        max_tokens = request.params.max_tokens or 1
+        if n_prompt + max_tokens > self.max_model_len:
+            return (f"this model's maximum context length is {self.max_model_len} tokens; the request "
+                    f"has {n_prompt} prompt tokens and asks for {max_tokens} more")
+        if request.request_id in self.requests:
+            return f"request id {request.request_id!r} is already running"
+        return None
+
+    # -- the step -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[TokenOutput]:
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        prepared = self.runner.prepare(batch)
+        logits = self.runner.forward(prepared)
+        sampled: list[int | None] = [None] * len(batch.seqs)
+        sampled_logprob: dict[int, tuple[float, list]] = {}
+        if prepared.sample_rows:
+            rows = []
+            for r in prepared.sample_rows:
+                seq = batch.seqs[r].seq
+                rid, index = self._seq_owner[seq.seq_id]
+                rows.append(SamplingRow(params=seq.params, prompt_token_ids=seq.prompt_token_ids,
+                                        output_token_ids=seq.output_token_ids,
+                                        generator=self.requests[rid].generators[index]))
+            out = self.sampler(logits, rows, self.eos_token_ids)
+            for k, r in enumerate(prepared.sample_rows):
+                sampled[r] = out.token_ids[k]
+                top = out.top_logprobs[k] if out.top_logprobs is not None else []
+                sampled_logprob[r] = (out.logprobs[k], top)
+        self.scheduler.update(batch, sampled)
+        return self._outputs(batch, sampled, sampled_logprob)
+
+    def _outputs(self, batch, sampled, sampled_logprob) -> list[TokenOutput]:
+        outputs = []
+        for r, s in enumerate(batch.seqs):
+            seq = s.seq
+            if sampled[r] is None:
+                continue
+            rid, index = self._seq_owner[seq.seq_id]
+            state = self.requests[rid]
+            params = seq.params
+            logprob, top = sampled_logprob[r]
+            state.cumulative_logprobs[index] += logprob
+            token = sampled[r]
+            finished = seq.is_finished
+            if params.best_of and params.best_of > params.n:
+                if finished:
+                    state.num_finished += 1
+                    if state.num_finished == len(state.seqs):
+                        outputs.extend(self._finish_best_of(rid, state))
+                continue
+            outputs.append(TokenOutput(
+                rid, index, [token],
+                new_logprobs=[logprob] if params.logprobs is not None else None,
+                new_top_logprobs=[top] if params.logprobs else None,
+                finish_reason=seq.finish_reason if finished else None,
+                stop_token_id=seq.stop_token_id,
+                num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens))
+            if finished:
+                self._seq_owner.pop(seq.seq_id, None)
+                state.num_finished += 1
+                if state.num_finished == len(state.seqs):
+                    del self.requests[rid]
+                    self.num_requests_finished += 1
+        return outputs
+
+    def _finish_best_of(self, rid: str, state: _RequestState) -> list[TokenOutput]:
+        order = sorted(range(len(state.seqs)), key=lambda i: -state.cumulative_logprobs[i])
+        outputs = []
+        for index, i in enumerate(order[: state.request.params.n]):
+            seq = state.seqs[i]
+            outputs.append(TokenOutput(rid, index, list(seq.output_token_ids), finish_reason=seq.finish_reason,
+                                       stop_token_id=seq.stop_token_id, num_prompt_tokens=seq.num_prompt_tokens,
+                                       num_cached_tokens=seq.num_cached_tokens))
+        for seq in state.seqs:
+            self._seq_owner.pop(seq.seq_id, None)
+        del self.requests[rid]
+        self.num_requests_finished += 1
+        return outputs
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler.stats()
+        return EngineStats(
+            num_running=s.num_running, num_waiting=s.num_waiting, num_blocks_total=s.num_blocks_total,
+            num_blocks_used=s.num_blocks_used, prefix_cache_queries=s.prefix_cache_queries,
+            prefix_cache_hits=s.prefix_cache_hits, num_preemptions=s.num_preemptions,
+            num_prompt_tokens=s.num_prompt_tokens, num_generation_tokens=s.num_generation_tokens,
+            num_requests_finished=self.num_requests_finished)
+
+    # -- sizing ---------------------------------------------------------------------------------
+
+    def _num_kv_blocks(self, model_config: ModelConfig) -> int:
+        per_block = ModelRunner.kv_bytes_per_block(model_config, self.config.block_size, self.dtype)
+        if self.device.type == "cuda" and self.config.kv_cache_gib is None:
+            free, total = torch.cuda.mem_get_info(self.device)
+            used = total - free
+            budget = total * self.config.kv_cache_memory_fraction - used - _activation_reserve(self.config)
+            if budget < per_block:
+                raise StartupError(
+                    f"not enough GPU memory for the KV cache: {total / 2**30:.1f} GiB total, "
+                    f"{used / 2**30:.1f} GiB in use after loading the weights, fraction "
+                    f"{self.config.kv_cache_memory_fraction}")
+        else:
+            gib = self.config.kv_cache_gib if self.config.kv_cache_gib is not None else CPU_DEFAULT_KV_GIB
+            budget = gib * 2**30
+        num_blocks = int(budget // per_block)
+        if num_blocks < 1:
+            raise StartupError(f"a KV budget of {budget / 2**30:.3f} GiB holds no block "
+                               f"({per_block} bytes each)")
+        return num_blocks
+
+
+def _activation_reserve(config: EngineConfig) -> int:
+    return 512 * 2**20 + config.max_num_batched_tokens * 64 * 2**10
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise StartupError("device 'cuda' was asked for, but torch sees no CUDA GPU")
+    if name not in ("cuda", "cpu"):
+        raise StartupError(f"unknown device {name!r}: use auto, cuda or cpu")
+    return torch.device(name)
+
+
+def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if name not in dtypes:
+        raise StartupError(f"unknown dtype {name!r}: use auto, float32, float16 or bfloat16")
+    return dtypes[name]
+
+
+def _initial_max_model_len(config: EngineConfig, model_config: ModelConfig) -> int:
+    limit = model_config.max_position_embeddings
+    if config.max_model_len in (None, "auto"):
+        return limit
+    if not isinstance(config.max_model_len, int) or config.max_model_len < 1:
+        raise StartupError(f"max_model_len must be a positive integer or 'auto', got {config.max_model_len!r}")
+    if config.max_model_len > limit and (model_config.rope_scaling is None):
+        raise StartupError(f"max_model_len={config.max_model_len} exceeds the model's context of {limit}")
+    return config.max_model_len
+
+
+def _generation_defaults(files: ModelFiles, model_config: ModelConfig) -> tuple[frozenset[int], dict]:
+    """eos ids (config + generation_config.json) and the sampling defaults the model ships with."""
+    eos = set(model_config.eos_token_ids)
+    defaults: dict = {}
+    path = files.path / "generation_config.json" if files.format == "hf" else None
+    if path is not None and path.exists():
+        try:
+            gen = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise LoadError(f"{path}: not valid JSON ({e})") from None
+        g_eos = gen.get("eos_token_id")
+        eos.update(g_eos if isinstance(g_eos, list) else [g_eos] if isinstance(g_eos, int) else [])
+        for key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+            if key in gen and gen.get("do_sample", True) is not False:
+                defaults[key] = gen[key]
+    return frozenset(eos), defaults

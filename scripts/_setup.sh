@@ -1,0 +1,30 @@
+# Sourced by scripts/serve and scripts/test: create .venv and install the project once.
+# Idempotent: a second run with an unchanged pyproject.toml installs nothing and prints nothing.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PY="${PYTHON:-python3}"
+
+has_cuda_gpu() {
+    command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU
+}
+
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "Creating $VENV ..."
+    "$PY" -m venv "$VENV"
+fi
+STAMP="$VENV/.llm-installed"
+WANT="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)-$(has_cuda_gpu && echo cuda || echo cpu)"
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
+    echo "Installing the project into $VENV (once) ..."
+    if has_cuda_gpu; then
+        "$VENV/bin/pip" install -q --disable-pip-version-check torch
+    else
+        # The CPU build; any other torch spec pulls a multi-GB CUDA build.
+        "$VENV/bin/pip" install -q --disable-pip-version-check "torch==2.13.0"
+    fi
+    "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[dev]" 2>&1 \
+        | grep -v "is ignored: it is neither a file nor a directory" || true
+    "$VENV/bin/python" -c "import torch, engine, launcher" >/dev/null
+    echo "$WANT" > "$STAMP"
+fi
