@@ -1,0 +1,27 @@
+"""SchedulerStats: a snapshot of queue lengths, KV usage and cumulative counters for metrics."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerStats:
+    num_running: int            # sequences holding KV blocks (being prefilled or decoded)
+    num_waiting: int            # sequences queued, including preempted ones
+    num_blocks_total: int
+    num_blocks_used: int        # referenced by a live sequence (cached-free blocks count as free)
+    # Cumulative since start (counters: the consumer takes differences for rates).
+    prefix_cache_queries: int   # tokens looked up in the prefix cache at first allocations
+    prefix_cache_hits: int      # of those, tokens served from the cache
+    num_preemptions: int
+    num_prompt_tokens: int      # prompt tokens computed (prefix-cache hits excluded)
+    num_generation_tokens: int  # tokens sampled
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of KV blocks in use, 0..1."""
+        return self.num_blocks_used / self.num_blocks_total if self.num_blocks_total else 0.0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
