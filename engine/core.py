@@ -17,7 +17,7 @@ from engine.messages import EngineInfo, EngineRequest, EngineStats, TokenOutput
 from engine.model_runner import ModelRunner
 from engine.request import Sequence
 from engine.sampler import Sampler, SamplingRow
-from engine.scheduler import Scheduler, SchedulerConfig
+from engine.scheduler import PromptTooLongError, Scheduler, SchedulerConfig
 
 log = logging.getLogger("llm.engine")
 CPU_DEFAULT_KV_GIB = 2.0
@@ -33,6 +33,7 @@ class _RequestState:
     seqs: list[Sequence]
     generators: list[torch.Generator | None]
     cumulative_logprobs: list[float]
+    matchers: list | None = None   # per-sample grammar state for structured outputs
     # best_of > n: every sample's tokens are held until all finish, then the n best are sent.
     held: list[list[int]] = field(default_factory=list)
     num_finished: int = 0
@@ -46,7 +47,7 @@ class EngineCore:
             torch.set_num_threads(config.num_threads)
         self.device = _pick_device(config.device)
         on_phase("loading weights")
-        files = ModelFiles.at(config.model)
+        files = self._files = ModelFiles.at(config.model)
         self.model_config = model_config = load_config(files)
         self.dtype = _pick_dtype(config.dtype, self.device)
         max_model_len = _initial_max_model_len(config, model_config)
@@ -73,6 +74,7 @@ class EngineCore:
                             enable_chunked_prefill=config.enable_chunked_prefill),
             self.block_manager, self.eos_token_ids)
         self.sampler = Sampler()
+        self._structured = None  # StructuredBackend, built on the first constrained request
         self.requests: dict[str, _RequestState] = {}
         self._seq_owner: dict[str, tuple[str, int]] = {}
         self.num_requests_finished = 0
@@ -96,6 +98,15 @@ class EngineCore:
                     for i in range(request.params.n)]
         params = request.params
         state = _RequestState(request=request, seqs=[], generators=[], cumulative_logprobs=[])
+        if params.structured_outputs is not None:
+            try:
+                backend = self._structured_backend()
+                state.matchers = [backend.matcher(params.structured_outputs)
+                                  for _ in range(params.num_samples)]
+            except (ValueError, ImportError) as e:
+                return [TokenOutput(rid, i, [], finish_reason="error", error=f"structured outputs: {e}",
+                                    num_prompt_tokens=len(request.prompt_token_ids))
+                        for i in range(params.n)]
         for i in range(params.num_samples):
             seq = Sequence(f"{rid}#{i}", request.prompt_token_ids, params, request.arrival_time)
             state.seqs.append(seq)
@@ -104,9 +115,26 @@ class EngineCore:
             state.cumulative_logprobs.append(0.0)
             state.held.append([])
             self._seq_owner[seq.seq_id] = (rid, i)
-            self.scheduler.add(seq)
+        try:
+            for seq in state.seqs:
+                self.scheduler.add(seq)
+        except PromptTooLongError as e:
+            for seq in state.seqs:
+                self.scheduler.abort(seq.seq_id)
+                self._seq_owner.pop(seq.seq_id, None)
+            return [TokenOutput(rid, i, [], finish_reason="error", error=str(e),
+                                num_prompt_tokens=len(request.prompt_token_ids)) for i in range(params.n)]
         self.requests[rid] = state
         return []
+
+    def _structured_backend(self):
+        if self._structured is None:
+            from engine.loader import load_tokenizer
+            from engine.structured import StructuredBackend
+            tokenizer = load_tokenizer(self._files)
+            self._structured = StructuredBackend(tokenizer.backend.to_str(), self.model_config.vocab_size,
+                                                 self.eos_token_ids)
+        return self._structured
 
     def abort(self, request_ids: list[str]) -> list[TokenOutput]:
         outputs = []
@@ -159,14 +187,22 @@ class EngineCore:
         sampled: list[int | None] = [None] * len(batch.seqs)
         sampled_logprob: dict[int, tuple[float, list]] = {}
         if prepared.sample_rows:
-            rows = []
-            for r in prepared.sample_rows:
+            rows, constrained, matchers = [], [], []
+            for k, r in enumerate(prepared.sample_rows):
                 seq = batch.seqs[r].seq
                 rid, index = self._seq_owner[seq.seq_id]
+                state = self.requests[rid]
                 rows.append(SamplingRow(params=seq.params, prompt_token_ids=seq.prompt_token_ids,
                                         output_token_ids=seq.output_token_ids,
-                                        generator=self.requests[rid].generators[index]))
+                                        generator=state.generators[index]))
+                if state.matchers is not None:
+                    constrained.append(k)
+                    matchers.append(state.matchers[index])
+            if constrained:
+                self._structured.apply(logits, constrained, matchers)
             out = self.sampler(logits, rows, self.eos_token_ids)
+            for k, m in zip(constrained, matchers):
+                m.consume_token(out.token_ids[k])
             for k, r in enumerate(prepared.sample_rows):
                 sampled[r] = out.token_ids[k]
                 top = out.top_logprobs[k] if out.top_logprobs is not None else []

@@ -1,6 +1,7 @@
 """Model files -> config, tensors, parameters: Hugging Face directories (safetensors) and GGUF files."""
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from collections.abc import Iterator
@@ -42,11 +43,24 @@ class ModelFiles:
         raise LoadError(f"{path}: no such file or directory")
 
 
+@functools.lru_cache(maxsize=4)
+def _read_gguf_cached(path: Path, mtime_ns: int):
+    from engine.gguf import GGUFError, read_gguf
+    try:
+        return read_gguf(path)
+    except GGUFError as e:
+        raise LoadError(str(e)) from None
+
+
+def gguf_file(files: ModelFiles):
+    """The parsed GGUF header (cached: config, tokenizer and weights all read it)."""
+    return _read_gguf_cached(files.path, files.path.stat().st_mtime_ns)
+
+
 def load_config(files: ModelFiles) -> ModelConfig:
     try:
         if files.format == "gguf":
-            from engine.gguf import read_gguf
-            return ModelConfig.from_hf_dict(read_gguf(files.path).hf_config(), str(files.path))
+            return ModelConfig.from_hf_dict(gguf_file(files).hf_config(), str(files.path))
         return ModelConfig.from_file(files.path / "config.json")
     except ConfigError as e:
         raise LoadError(str(e)) from None
@@ -55,8 +69,11 @@ def load_config(files: ModelFiles) -> ModelConfig:
 def iter_weights(files: ModelFiles, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF parameter name, tensor) pairs, converted to `dtype`."""
     if files.format == "gguf":
-        from engine.gguf import read_gguf
-        yield from read_gguf(files.path).iter_tensors(dtype)
+        from engine.gguf import GGUFError
+        try:
+            yield from gguf_file(files).iter_tensors(dtype)
+        except GGUFError as e:
+            raise LoadError(str(e)) from None
         return
     for shard in safetensors_files(files.path):
         from safetensors import safe_open
@@ -121,7 +138,7 @@ def load_model(files: ModelFiles, config: ModelConfig, dtype: torch.dtype, devic
     model = model.to_empty(device=device).to(dtype)
     # Buffers computed at construction (the rotary table) were lost on meta: compute them for real.
     model.cos_sin_cache = rope_cos_sin_cache(config.head_dim, config.rope_theta, config.rope_scaling,
-                                             max_positions).to(device)
+                                             max_positions, _rope_freq_factors(files)).to(device)
     try:
         model.load_weights(iter_weights(files, dtype), str(files.path))
     except ValueError as e:
@@ -129,13 +146,22 @@ def load_model(files: ModelFiles, config: ModelConfig, dtype: torch.dtype, devic
     return model.eval()
 
 
+def _rope_freq_factors(files: ModelFiles) -> torch.Tensor | None:
+    """llama.cpp stores Llama-3.1-style rope scaling as per-frequency divisors (rope_freqs.weight)."""
+    if files.format != "gguf":
+        return None
+    gguf = gguf_file(files)
+    if not any(t.name == "rope_freqs.weight" for t in gguf.tensor_infos):
+        return None
+    return gguf.read_tensor("rope_freqs.weight", torch.float32)
+
+
 def load_tokenizer(files: ModelFiles):
     """The model's tokenizer: tokenizer.json from a HF directory, or GGUF metadata."""
     from engine.tokenizer import Tokenizer
     try:
         if files.format == "gguf":
-            from engine.gguf import read_gguf
-            return Tokenizer.from_gguf_metadata(read_gguf(files.path).metadata)
+            return Tokenizer.from_gguf_metadata(gguf_file(files).metadata)
         return Tokenizer.from_dir(files.path)
     except (OSError, ValueError) as e:
         raise LoadError(f"{files.path}: cannot load the tokenizer ({e})") from None

@@ -43,9 +43,14 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> t
 
 
 def rope_cos_sin_cache(head_dim: int, theta: float, scaling: RopeScaling | None,
-                       max_positions: int) -> torch.Tensor:
-    """[max_positions, D] float32: cos(pos * inv_freq) then sin(pos * inv_freq)."""
+                       max_positions: int, freq_factors: torch.Tensor | None = None) -> torch.Tensor:
+    """[max_positions, D] float32: cos(pos * inv_freq) then sin(pos * inv_freq).
+
+    freq_factors: per-frequency divisors [D/2] (GGUF's rope_freqs.weight), applied instead of scaling.
+    """
     inv_freq = rope_inv_freq(head_dim, theta, scaling)
+    if freq_factors is not None:
+        inv_freq = inv_freq / freq_factors.float()
     positions = torch.arange(max_positions, dtype=torch.float32)
     freqs = positions[:, None] * inv_freq[None, :]
     return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
