@@ -12,6 +12,26 @@ class SamplingParamsError(ValueError):
         self.param = param
 
 
+@dataclass(frozen=True, slots=True)
+class StructuredOutputs:
+    """Constrained decoding: exactly one of these is set (vLLM's `structured_outputs`, OpenAI's
+    `response_format`)."""
+    json: str | None = None              # a JSON schema, as JSON text
+    json_object: bool = False            # any JSON object
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None           # a Lark grammar
+
+    def __post_init__(self) -> None:
+        given = [self.json is not None, self.json_object, self.regex is not None,
+                 self.choice is not None, self.grammar is not None]
+        if sum(given) != 1:
+            raise SamplingParamsError("structured_outputs", "give exactly one of json, json_object, regex, "
+                                      "choice or grammar")
+        if self.choice is not None and not self.choice:
+            raise SamplingParamsError("structured_outputs", "choice must be a non-empty list of strings")
+
+
 @dataclass(slots=True)
 class SamplingParams:
     n: int = 1
@@ -31,6 +51,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None         # None: none; k: chosen token's logprob + top-k alternatives
     prompt_logprobs: int | None = None
+    structured_outputs: StructuredOutputs | None = None
     # Text-level options, handled by the server's detokenizer, not the engine:
     stop: list[str] = field(default_factory=list)
     include_stop_str_in_output: bool = False
