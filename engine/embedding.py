@@ -1,0 +1,272 @@
+"""Embeddings: a BERT encoder with sentence-transformers pooling, and pooled decoder hidden states."""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from engine.attention import AttentionMetadata
+from engine.loader import ModelFiles, iter_weights
+from engine.models.bert import BertConfig, BertModel
+
+# sentence-transformers' Pooling config key -> our mode name, in the order it concatenates them.
+_ST_POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
+                    "pooling_mode_mean_tokens": "mean", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
+                    "pooling_mode_lasttoken": "lasttoken"}
+DECODER_POOLING = ("last", "mean")
+
+
+class InputTooLongError(ValueError):
+    """An input has more tokens than the model takes; the server answers 400 context_length_exceeded."""
+
+    def __init__(self, index: int, num_tokens: int, max_tokens: int):
+        super().__init__(f"input {index} has {num_tokens} tokens, more than this model's maximum of "
+                         f"{max_tokens} tokens")
+        self.index, self.num_tokens, self.max_tokens = index, num_tokens, max_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class PoolingConfig:
+    """How token states become one vector, as a sentence-transformers directory says."""
+    modes: tuple[str, ...]      # subset of cls/max/mean/mean_sqrt_len/lasttoken, concatenated in this order
+    normalize: bool             # L2-normalize the pooled vector (a Normalize module follows pooling)
+    max_seq_length: int         # longest input accepted, special tokens included
+
+    @classmethod
+    def from_dir(cls, path: Path, config: BertConfig) -> "PoolingConfig":
+        """Read modules.json, the Pooling module's config.json and sentence_bert_config.json.
+
+        A plain HF directory (no modules.json) gets sentence-transformers' defaults: mean, unnormalized.
+        """
+        modes: tuple[str, ...] = ("mean",)
+        normalize = False
+        for module in _read_json(path / "modules.json", default=[]):
+            kind = str(module.get("type", "")).rpartition(".")[2]
+            if kind == "Pooling":
+                modes = _pooling_modes(path / module.get("path", "") / "config.json")
+            elif kind == "Normalize":
+                normalize = True
+            elif kind != "Transformer":
+                raise ValueError(f"{path / 'modules.json'}: unsupported sentence-transformers module "
+                                 f"{module.get('type')!r} (supported: Transformer, Pooling, Normalize)")
+        limit = config.max_position_embeddings
+        st_max = _read_json(path / "sentence_bert_config.json", default={}).get("max_seq_length")
+        tok_max = _read_json(path / "tokenizer_config.json", default={}).get("model_max_length")
+        max_len = st_max or (tok_max if isinstance(tok_max, int) and tok_max < limit else limit)
+        return cls(modes=modes, normalize=normalize, max_seq_length=min(int(max_len), limit))
+
+
+def _pooling_modes(path: Path) -> tuple[str, ...]:
+    raw = _read_json(path, default=None)
+    if raw is None:
+        raise ValueError(f"{path}: the Pooling module's config is missing")
+    if raw.get("pooling_mode_weightedmean_tokens"):
+        raise ValueError(f"{path}: weighted-mean pooling is not supported")
+    modes = tuple(mode for key, mode in _ST_POOLING_KEYS.items() if raw.get(key))
+    if not modes:
+        raise ValueError(f"{path}: no pooling mode is enabled")
+    return modes
+
+
+def _read_json(path: Path, default):
+    if not path.is_file():
+        return default
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def pool_padded(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """hidden [B, L, H] (right-padded), mask [B, L] (nonzero = real token) -> [B, H] float32."""
+    hidden = hidden.float()
+    m = mask.to(hidden.dtype)[..., None]                                   # [B, L, 1]
+    lengths = mask.sum(dim=1)                                              # [B]
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "lasttoken":
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
+    if mode == "max":
+        return hidden.masked_fill(m == 0, float("-inf")).amax(dim=1)
+    summed = (hidden * m).sum(dim=1)
+    count = lengths.to(hidden.dtype)[:, None]
+    if mode == "mean":
+        return summed / count
+    if mode == "mean_sqrt_len":
+        return summed / count.sqrt()
+    raise ValueError(f"unknown pooling mode {mode!r}")
+
+
+def pool_packed(hidden: torch.Tensor, seq_lens: Sequence[int], mode: str) -> torch.Tensor:
+    """hidden [T, H] with sequences back to back -> [B, H] float32; mode 'last' or 'mean'."""
+    hidden = hidden.float()
+    lens = torch.tensor(list(seq_lens), device=hidden.device)
+    ends = lens.cumsum(0)
+    if mode == "last":
+        return hidden[ends - 1]
+    if mode == "mean":
+        seq_of_token = torch.repeat_interleave(torch.arange(len(lens), device=hidden.device), lens)
+        sums = hidden.new_zeros(len(lens), hidden.shape[1]).index_add_(0, seq_of_token, hidden)
+        return sums / lens[:, None].to(hidden.dtype)
+    raise ValueError(f"unknown decoder pooling {mode!r}; use one of {', '.join(DECODER_POOLING)}")
+
+
+def check_inputs(token_id_lists: Sequence[Sequence[int]], vocab_size: int, max_tokens: int) -> None:
+    """Every input non-empty, within the context and the vocabulary (bad ids crash CUDA gathers)."""
+    for i, ids in enumerate(token_id_lists):
+        if len(ids) == 0:
+            raise ValueError(f"input {i} is empty")
+        if len(ids) > max_tokens:
+            raise InputTooLongError(i, len(ids), max_tokens)
+        if min(ids) < 0 or max(ids) >= vocab_size:
+            raise ValueError(f"input {i}: token ids must be in [0, {vocab_size})")
+
+
+def chunks(lengths: Sequence[int], max_batch_tokens: int, padded: bool) -> Iterator[list[int]]:
+    """Input indices grouped longest first so each group costs at most max_batch_tokens
+    (padded: rows x longest row; packed: the sum); one input over budget goes alone."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    group: list[int] = []
+    longest = total = 0
+    for i in order:
+        n = lengths[i]
+        cost = max(longest, n) * (len(group) + 1) if padded else total + n
+        if group and cost > max_batch_tokens:
+            yield group
+            group, longest, total = [], 0, 0
+        group.append(i)
+        longest, total = max(longest, n), total + n
+    if group:
+        yield group
+
+
+class EmbeddingModel:
+    """A sentence-transformers encoder: token id lists -> pooled (and maybe normalized) vectors."""
+
+    def __init__(self, model: BertModel, pooling: PoolingConfig, max_batch_tokens: int = 8192):
+        self.model = model
+        self.pooling = pooling
+        self.max_batch_tokens = max_batch_tokens
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    def from_path(cls, path: str | Path, device: torch.device | str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> "EmbeddingModel":
+        """Load a sentence-transformers (or plain HF BERT) directory; errors are ValueError/LoadError."""
+        files = ModelFiles.at(path)
+        if files.format != "hf":
+            raise ValueError(f"{path}: embedding models load from a HF directory, not a GGUF file")
+        config = BertConfig.from_file(files.path / "config.json")
+        pooling = PoolingConfig.from_dir(files.path, config)
+        with torch.device("meta"):
+            model = BertModel(config)
+        # Built on meta so no time goes on a random init that the checkpoint overwrites.
+        model = model.to_empty(device=torch.device(device)).to(dtype)
+        model.load_weights(iter_weights(files, dtype), str(files.path))
+        return cls(model.eval(), pooling)
+
+    @property
+    def dimensions(self) -> int:
+        """Length of each output vector."""
+        return self.model.config.hidden_size * len(self.pooling.modes)
+
+    @property
+    def max_seq_length(self) -> int:
+        return self.pooling.max_seq_length
+
+    @torch.inference_mode()
+    def embed(self, token_id_lists: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Token id lists (special tokens included) -> [B, dimensions] float32 on the CPU, input order."""
+        config = self.model.config
+        check_inputs(token_id_lists, config.vocab_size, self.pooling.max_seq_length)
+        out = torch.empty(len(token_id_lists), self.dimensions)
+        lengths = [len(ids) for ids in token_id_lists]
+        for group in chunks(lengths, self.max_batch_tokens, padded=True):
+            width = max(lengths[i] for i in group)
+            ids = torch.full((len(group), width), config.pad_token_id, dtype=torch.int64)
+            mask = torch.zeros(len(group), width, dtype=torch.int64)
+            for row, i in enumerate(group):
+                ids[row, : lengths[i]] = torch.tensor(token_id_lists[i])
+                mask[row, : lengths[i]] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            hidden = self.model(ids, mask)
+            pooled = torch.cat([pool_padded(hidden, mask, mode) for mode in self.pooling.modes], dim=-1)
+            if self.pooling.normalize:
+                pooled = F.normalize(pooled, dim=-1)
+            out[group] = pooled.cpu()
+        return out
+
+
+@torch.inference_mode()
+def decoder_embed(core_or_model, token_id_lists: Sequence[Sequence[int]], pooling: str = "last",
+                  normalize: bool = True, *, max_batch_tokens: int = 2048) -> torch.Tensor:
+    """Pool a decoder's final hidden states (after the final norm) -> [B, H] float32 on the CPU.
+
+    core_or_model: an EngineCore (its model, max_model_len and block size) or a decoder model from
+    engine.models (its rotary table bounds the length). Runs plain prefills over a temporary KV cache
+    of its own, so the engine's cache and requests are untouched.
+    """
+    if pooling not in DECODER_POOLING:
+        raise ValueError(f"unknown decoder pooling {pooling!r}; use one of {', '.join(DECODER_POOLING)}")
+    if isinstance(core_or_model, torch.nn.Module):
+        model, block_size = core_or_model, 16
+        max_len = model.cos_sin_cache.shape[0]
+    else:
+        model, block_size = core_or_model.model, core_or_model.config.block_size
+        max_len = core_or_model.max_model_len
+    config = model.config
+    check_inputs(token_id_lists, config.vocab_size, max_len)
+    param = next(model.parameters())
+    lengths = [len(ids) for ids in token_id_lists]
+    groups = list(chunks(lengths, max_batch_tokens, padded=False))
+    num_blocks = max(sum(math.ceil(lengths[i] / block_size) for i in g) for g in groups) if groups else 0
+    shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+    # NOTE: zeros, not empty: attention reads whole blocks and masks the tail by score, and a NaN
+    # left in uninitialised memory would survive 0 * NaN in probs @ V.
+    kv_caches = [(torch.zeros(shape, dtype=param.dtype, device=param.device),
+                  torch.zeros(shape, dtype=param.dtype, device=param.device))
+                 for _ in range(config.num_hidden_layers)]
+    out = torch.empty(len(token_id_lists), config.hidden_size)
+    for group in groups:
+        group_lens = [lengths[i] for i in group]
+        ids = torch.tensor([t for i in group for t in token_id_lists[i]], device=param.device)
+        positions = torch.cat([torch.arange(n) for n in group_lens]).to(param.device)
+        meta = _prefill_metadata(group_lens, block_size, param.device)
+        hidden = model(ids, positions, kv_caches, meta)
+        pooled = pool_packed(hidden, group_lens, pooling)
+        if normalize:
+            pooled = F.normalize(pooled, dim=-1)
+        out[group] = pooled.cpu()
+    return out
+
+
+def _prefill_metadata(seq_lens: list[int], block_size: int, device: torch.device) -> AttentionMetadata:
+    """Each sequence a fresh prefill on consecutive blocks of the temporary cache (from block 0)."""
+    tables: list[list[int]] = []
+    slots: list[int] = []
+    next_block = 0
+    for n in seq_lens:
+        num = math.ceil(n / block_size)
+        tables.append(list(range(next_block, next_block + num)))
+        slots.extend(range(next_block * block_size, next_block * block_size + n))
+        next_block += num
+    width = max(len(t) for t in tables)
+    cu = [0]
+    for n in seq_lens:
+        cu.append(cu[-1] + n)
+
+    def ints(values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=device)
+
+    return AttentionMetadata(
+        slot_mapping=ints(slots), num_decode_tokens=0,
+        decode_block_tables=torch.zeros((0, 1), dtype=torch.int64, device=device),
+        decode_context_lens=ints([]), max_decode_context_len=0,
+        prefill_cu_seqlens_q=ints(cu), prefill_context_lens=ints(seq_lens),
+        prefill_block_tables=ints([t + [0] * (width - len(t)) for t in tables]),
+        max_prefill_query_len=max(seq_lens), max_prefill_context_len=max(seq_lens))
