@@ -10,10 +10,7 @@ from typing import Any, Sequence
 
 from launcher.bench.metrics import RequestResult
 
-try:
-    import httpx
-except ImportError:  # NOTE: some environments ship httpx under its new name only
-    import httpx2 as httpx  # type: ignore[no-redef]
+import httpx
 
 ENDPOINT_PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 

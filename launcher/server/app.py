@@ -1,0 +1,125 @@
+"""The Sanic app: routes only (logic lives in serving_*, parsing in protocol*, plumbing in middleware/lifecycle)."""
+from __future__ import annotations
+
+from sanic import HTTPResponse, Sanic
+from sanic.request import Request
+from sanic.response import html
+
+from engine.config import EngineConfig
+from launcher.server import lifecycle, middleware
+from launcher.server.errors import APIError, OpenAIErrorHandler
+from launcher.server.fields import parse_json_body
+from launcher.server.openapi import DOCS_HTML, openapi_spec
+from launcher.server.responses import json_response
+from launcher.server.serving_chat import create_chat_completion
+from launcher.server.serving_completions import create_completion
+from launcher.server.serving_embeddings import create_embedding
+from launcher.server.serving_models import detokenize, list_models, retrieve_model, tokenize, version_info
+from launcher.server.settings import ServerSettings
+from launcher.server.state import ServerState
+
+
+def build_app(settings: ServerSettings, engine_config: EngineConfig, name: str = "llm") -> Sanic:
+    app = Sanic(name, error_handler=OpenAIErrorHandler(), configure_logging=False)
+    app.config.REQUEST_MAX_SIZE = settings.max_request_body_bytes
+    app.config.RESPONSE_TIMEOUT = settings.request_timeout_s + 30   # our own limits end requests first
+    app.config.REQUEST_TIMEOUT = 60
+    app.config.GRACEFUL_SHUTDOWN_TIMEOUT = 5.0
+    app.config.NOISY_EXCEPTIONS = False
+    app.config.TOUCHUP = False
+    app.config.AUTO_EXTEND = False
+    app.ctx.state = ServerState(settings, engine_config)
+    middleware.install(app)
+    lifecycle.install(app)
+    _routes(app)
+    return app
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.ctx.state
+
+
+def _ready_state(request: Request) -> ServerState:
+    state = _state(request)
+    state.check_ready()
+    return state
+
+
+def _routes(app: Sanic) -> None:
+    @app.get("/health")
+    async def health(request: Request) -> HTTPResponse:
+        return json_response({"status": "alive", "phase": _state(request).phase})
+
+    @app.get("/health/ready")
+    async def ready(request: Request) -> HTTPResponse:
+        state = _state(request)
+        if not state.is_ready:
+            body = APIError(503, f"not ready: {state.phase}", "service_unavailable_error",
+                            code="model_not_ready").body()
+            return json_response({**body, "status": "starting", "phase": state.phase}, 503, {"Retry-After": "1"})
+        info = state.info
+        return json_response({"status": "ready", "phase": "ready", "models": list(state.settings.served_model_names),
+                              "device": info.device, "dtype": info.dtype, "max_model_len": info.max_model_len,
+                              "kv_capacity_tokens": info.kv_capacity_tokens,
+                              "startup_seconds": round(state.ready_seconds or 0.0, 2)})
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> HTTPResponse:
+        return json_response(list_models(_state(request)))
+
+    @app.get("/v1/models/<model_id:path>")
+    async def model(request: Request, model_id: str) -> HTTPResponse:
+        return json_response(retrieve_model(_state(request), model_id))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> HTTPResponse | None:
+        body = parse_json_body(request.body)
+        return await create_completion(_ready_state(request), request, body)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> HTTPResponse | None:
+        body = parse_json_body(request.body)
+        return await create_chat_completion(_ready_state(request), request, body)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> HTTPResponse:
+        body = parse_json_body(request.body)
+        return json_response(await create_embedding(_ready_state(request), body))
+
+    @app.post("/tokenize")
+    async def tokenize_route(request: Request) -> HTTPResponse:
+        body = parse_json_body(request.body)
+        return json_response(tokenize(_ready_state(request), body))
+
+    @app.post("/detokenize")
+    async def detokenize_route(request: Request) -> HTTPResponse:
+        body = parse_json_body(request.body)
+        return json_response(detokenize(_ready_state(request), body))
+
+    @app.get("/version")
+    async def version(request: Request) -> HTTPResponse:
+        return json_response(version_info())
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> HTTPResponse:
+        state = _state(request)
+        stats = await state.engine.refresh_stats() if state.engine.is_ready else state.engine.stats
+        return HTTPResponse(state.metrics.render(stats, state.num_in_flight),
+                            content_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/openapi.json")
+    async def openapi(request: Request) -> HTTPResponse:
+        return json_response(openapi_spec(version=version_info()["version"]))
+
+    @app.get("/docs")
+    async def docs(request: Request) -> HTTPResponse:
+        return html(DOCS_HTML)
+
+    # CORS preflights: the request middleware answers OPTIONS before any handler runs.
+    for uri in ("/v1/models", "/v1/models/<model_id:path>", "/v1/completions", "/v1/chat/completions",
+                "/v1/embeddings", "/tokenize", "/detokenize"):
+        app.add_route(_preflight, uri, methods=["OPTIONS"], name=f"options_{uri.strip('/').replace('/', '_')}")
+
+
+async def _preflight(request: Request, **_: str) -> HTTPResponse:
+    return HTTPResponse(status=204)

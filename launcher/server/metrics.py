@@ -1,0 +1,121 @@
+"""Prometheus metrics (text format written by hand) under the `llm:` prefix, named as vLLM names them."""
+from __future__ import annotations
+
+import time
+from bisect import bisect_left
+from collections import Counter
+
+from engine.messages import EngineStats
+
+PREFIX = "llm:"
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                    20.0, 40.0, 80.0, 160.0, 640.0)
+_TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+
+
+class Histogram:
+    def __init__(self, name: str, doc: str, buckets: tuple[float, ...]):
+        self.name, self.doc, self.buckets = name, doc, buckets
+        self.counts = [0] * (len(buckets) + 1)   # the last is +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.buckets, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def render(self, labels: str) -> list[str]:
+        full = PREFIX + self.name
+        lines = [f"# HELP {full} {self.doc}", f"# TYPE {full} histogram"]
+        cumulative = 0
+        for bound, n in zip((*self.buckets, float("inf")), self.counts):
+            cumulative += n
+            le = "+Inf" if bound == float("inf") else repr(float(bound))
+            lines.append(f'{full}_bucket{{{labels},le="{le}"}} {cumulative}')
+        lines += [f"{full}_sum{{{labels}}} {self.sum}", f"{full}_count{{{labels}}} {self.count}"]
+        return lines
+
+
+class ServerMetrics:
+    """Per-request histograms and counters kept by the server; engine gauges come from EngineStats."""
+
+    def __init__(self, model_name: str):
+        self.labels = f'model_name="{_escape(model_name)}"'
+        self.ttft = Histogram("time_to_first_token_seconds", "Time to first token in seconds.", _LATENCY_BUCKETS)
+        self.itl = Histogram("inter_token_latency_seconds", "Time between output tokens in seconds.",
+                             _LATENCY_BUCKETS)
+        self.e2e = Histogram("e2e_request_latency_seconds", "End-to-end request latency in seconds.",
+                             _LATENCY_BUCKETS)
+        self.prompt_hist = Histogram("request_prompt_tokens", "Prompt tokens per request.", _TOKEN_BUCKETS)
+        self.gen_hist = Histogram("request_generation_tokens", "Generated tokens per request.", _TOKEN_BUCKETS)
+        self.finished: Counter[str] = Counter()    # finished_reason -> count
+        self.http: Counter[tuple[str, int]] = Counter()
+
+    def timer(self) -> "RequestTimer":
+        return RequestTimer(self)
+
+    def render(self, stats: EngineStats, num_in_flight: int) -> str:
+        lb = self.labels
+        lines: list[str] = []
+
+        def metric(name: str, kind: str, doc: str, value: float, labels: str = lb) -> None:
+            full = PREFIX + name
+            lines.extend([f"# HELP {full} {doc}", f"# TYPE {full} {kind}", f"{full}{{{labels}}} {value}"])
+
+        usage = stats.num_blocks_used / stats.num_blocks_total if stats.num_blocks_total else 0.0
+        metric("num_requests_running", "gauge", "Sequences in the running batch.", stats.num_running)
+        metric("num_requests_waiting", "gauge", "Sequences waiting to be scheduled.", stats.num_waiting)
+        metric("num_requests_in_flight", "gauge", "HTTP generation requests being served.", num_in_flight)
+        metric("kv_cache_usage_perc", "gauge", "KV-cache usage; 1 means 100 percent.", usage)
+        metric("kv_cache_blocks_used", "gauge", "KV-cache blocks held by live sequences.", stats.num_blocks_used)
+        metric("kv_cache_blocks_total", "gauge", "KV-cache blocks in the pool.", stats.num_blocks_total)
+        metric("prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.",
+               stats.prefix_cache_queries)
+        metric("prefix_cache_hits_total", "counter", "Prompt tokens served from the prefix cache.",
+               stats.prefix_cache_hits)
+        metric("num_preemptions_total", "counter", "Cumulative preemptions.", stats.num_preemptions)
+        metric("prompt_tokens_total", "counter", "Prompt tokens processed.", stats.num_prompt_tokens)
+        metric("generation_tokens_total", "counter", "Generation tokens produced.", stats.num_generation_tokens)
+        full = PREFIX + "request_success_total"
+        lines += [f"# HELP {full} Finished requests by finish reason.", f"# TYPE {full} counter"]
+        for reason in sorted(set(self.finished) | {"stop", "length", "abort"}):
+            lines.append(f'{full}{{{lb},finished_reason="{reason}"}} {self.finished[reason]}')
+        full = PREFIX + "http_requests_total"
+        lines += [f"# HELP {full} HTTP requests by route and status.", f"# TYPE {full} counter"]
+        for (route, status), n in sorted(self.http.items()):
+            lines.append(f'{full}{{route="{_escape(route)}",status="{status}"}} {n}')
+        for hist in (self.ttft, self.itl, self.e2e, self.prompt_hist, self.gen_hist):
+            lines += hist.render(lb)
+        return "\n".join(lines) + "\n"
+
+
+class RequestTimer:
+    """Times one request: first token, gaps between tokens, end to end."""
+
+    def __init__(self, metrics: ServerMetrics):
+        self._metrics = metrics
+        self._start = self._last = time.monotonic()
+        self._first = True
+
+    def tokens(self, num_tokens: int) -> None:
+        if num_tokens <= 0:
+            return
+        now = time.monotonic()
+        if self._first:
+            self._metrics.ttft.observe(now - self._start)
+            self._first = False
+        else:
+            self._metrics.itl.observe(now - self._last)
+        self._last = now
+
+    def finish(self, reason: str, num_prompt_tokens: int, num_generation_tokens: int) -> None:
+        m = self._metrics
+        m.e2e.observe(time.monotonic() - self._start)
+        m.prompt_hist.observe(num_prompt_tokens)
+        m.gen_hist.observe(num_generation_tokens)
+        m.finished[reason] += 1
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

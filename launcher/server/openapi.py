@@ -1,0 +1,81 @@
+"""An OpenAPI description of the server and an offline /docs page that renders it (no CDN, no scripts fetched)."""
+from __future__ import annotations
+
+_ERROR = {"type": "object", "properties": {"error": {"type": "object", "properties": {
+    "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": "string", "nullable": True},
+    "code": {"type": "string", "nullable": True}}}}}
+_JSON = "application/json"
+
+# (method, path, summary, auth, request example or None)
+ENDPOINTS = [
+    ("get", "/health", "Liveness: 200 while the process is up (no key needed).", False, None),
+    ("get", "/health/ready", "Readiness: 503 with the startup phase until the model can serve, then 200.", False,
+     None),
+    ("get", "/v1/models", "List the served model names (every alias), with root and max_model_len.", True, None),
+    ("get", "/v1/models/{model}", "One model; ids may contain '/'. Unknown: 404 model_not_found.", True, None),
+    ("post", "/v1/completions", "Text completion (OpenAI legacy API, plus vLLM's extra sampling parameters).", True,
+     {"model": "MODEL", "prompt": "Once upon a time", "max_tokens": 16, "stream": False}),
+    ("post", "/v1/chat/completions", "Chat completion through the model's chat template; streaming as SSE.", True,
+     {"model": "MODEL", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32}),
+    ("post", "/v1/embeddings", "Embeddings (embedding models only).", True, {"model": "MODEL", "input": "text"}),
+    ("post", "/tokenize", "Text or messages -> token ids (vLLM's shape).", False, {"prompt": "Hello"}),
+    ("post", "/detokenize", "Token ids -> text (vLLM's shape).", False, {"tokens": [19556]}),
+    ("get", "/version", "Server version.", False, None),
+    ("get", "/metrics", "Prometheus metrics under the llm: prefix.", False, None),
+]
+
+
+def openapi_spec(title: str = "llm OpenAI-compatible server", version: str = "0") -> dict:
+    paths: dict = {}
+    for method, path, summary, auth, example in ENDPOINTS:
+        op: dict = {"summary": summary, "responses": {
+            "200": {"description": "OK"},
+            "4XX": {"description": "OpenAI-shaped error", "content": {_JSON: {"schema": _ERROR}}}}}
+        if auth:
+            op["security"] = [{"bearer": []}]
+        if "{model}" in path:
+            op["parameters"] = [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}]
+        if example is not None:
+            op["requestBody"] = {"required": True, "content": {_JSON: {"schema": {"type": "object"},
+                                                                       "example": example}}}
+        paths.setdefault(path, {})[method] = op
+    return {"openapi": "3.0.3", "info": {"title": title, "version": version}, "paths": paths,
+            "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}}
+
+
+DOCS_HTML = """<!doctype html>
+<html><head><meta charset="utf-8"><title>API docs</title>
+<style>
+body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}
+.op{border:1px solid #ddd;border-radius:6px;margin:.6rem 0;padding:.6rem .8rem}
+.m{display:inline-block;min-width:4rem;font-weight:bold;text-transform:uppercase}
+.get{color:#1565c0}.post{color:#2e7d32} code,pre{background:#f5f5f5;padding:.1rem .3rem;border-radius:3px}
+pre{padding:.6rem;overflow:auto}.lock{color:#999;font-size:.85em}
+</style></head><body>
+<h1 id="title">API</h1><p>Machine-readable description: <a href="/openapi.json">/openapi.json</a>.
+Errors always have the shape <code>{"error": {"message", "type", "param", "code"}}</code>.</p>
+<div id="ops"></div>
+<script>
+fetch("/openapi.json").then(r => r.json()).then(spec => {
+  document.getElementById("title").textContent = spec.info.title;
+  const root = document.getElementById("ops");
+  for (const [path, ops] of Object.entries(spec.paths)) {
+    for (const [method, op] of Object.entries(ops)) {
+      const div = document.createElement("div"); div.className = "op";
+      const head = document.createElement("div");
+      const m = document.createElement("span"); m.className = "m " + method; m.textContent = method;
+      const p = document.createElement("code"); p.textContent = path;
+      head.append(m, p);
+      if (op.security) { const l = document.createElement("span"); l.className = "lock";
+        l.textContent = "  (Bearer key)"; head.append(l); }
+      const s = document.createElement("p"); s.textContent = op.summary;
+      div.append(head, s);
+      const ex = op.requestBody && op.requestBody.content["application/json"].example;
+      if (ex) { const pre = document.createElement("pre"); pre.textContent = JSON.stringify(ex, null, 2);
+        div.append(pre); }
+      root.append(div);
+    }
+  }
+});
+</script></body></html>
+"""

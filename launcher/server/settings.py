@@ -1,0 +1,50 @@
+"""ServerSettings: what the HTTP server needs besides the engine config (a frozen, picklable seam)."""
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.config import EngineConfig
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_names: tuple[str, ...] = ()   # first = primary; every name is an alias of the same model
+    model_root: str = ""                        # the real checkpoint (path or repo id), shown as `root`
+    api_keys: tuple[str, ...] = ()              # empty: no auth
+    cors_origins: tuple[str, ...] = ()          # empty: CORS off; '*' allows any origin
+    max_request_body_bytes: int = 16 * 1024 * 1024
+    max_queued_requests: int = 1024             # in-flight requests beyond this get 503
+    request_timeout_s: float = 600.0
+    chat_template: str | None = None            # a Jinja file overriding the model's template
+    chat_template_content_format: str = "auto"  # auto | string | openai
+    default_sampling: dict[str, Any] = field(default_factory=dict)   # profile [defaults] overrides
+    use_generation_config: bool = True          # take the model's generation_config.json defaults
+    log_level: str = "info"
+    log_requests: bool = False
+    status_file: str | None = None              # where a fatal error is written for the supervisor
+
+    @property
+    def primary_name(self) -> str:
+        return self.served_model_names[0] if self.served_model_names else self.model_root
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchSpec:
+    """Everything the server process needs: handed over as a pickle file by the supervisor."""
+    settings: ServerSettings
+    engine: EngineConfig
+
+
+def write_launch_spec(spec: LaunchSpec, path: str | Path) -> None:
+    Path(path).write_bytes(pickle.dumps(spec))
+
+
+def read_launch_spec(path: str | Path) -> LaunchSpec:
+    spec = pickle.loads(Path(path).read_bytes())
+    assert isinstance(spec, LaunchSpec), type(spec)
+    return spec

@@ -1,0 +1,169 @@
+"""Spawn the server process for a profile, show its startup, forward signals, shut down cleanly."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from engine.config import EngineConfig
+from launcher.profile import Profile, ProfileError, engine_kwargs
+from launcher.server.settings import LaunchSpec, ServerSettings, write_launch_spec
+
+_POLL_S = 0.25
+_STOP_GRACE_S = 15.0
+
+
+def build_launch(profile: Profile, model_path: str) -> LaunchSpec:
+    """Map a profile (and the resolved model path) to the server's settings and the engine's config."""
+    s, m, d = profile.server, profile.model, profile.defaults
+    settings = ServerSettings(
+        host=s.host, port=s.port, served_model_names=tuple(m.names), model_root=m.source,
+        api_keys=tuple(s.resolve_api_keys()), cors_origins=tuple(s.cors_origins),
+        max_request_body_bytes=s.max_request_body_bytes, max_queued_requests=s.max_queued_requests,
+        request_timeout_s=s.request_timeout_s, chat_template=m.chat_template,
+        default_sampling=d.sampling_overrides(), use_generation_config=d.use_generation_config,
+        log_requests=s.log_requests)
+    return LaunchSpec(settings, EngineConfig(model=model_path, **engine_kwargs(profile)))
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def serve(profile: Profile) -> int:
+    """Run the server for `profile` until it stops or we are signalled; returns the exit status."""
+    from launcher.weights import WeightsError, resolve_model
+    try:
+        path = resolve_model(profile.model.source, revision=profile.model.revision, offline=profile.model.offline)
+        spec = build_launch(profile, str(path))
+    except (ProfileError, WeightsError, OSError, ValueError) as e:
+        print(f"llm serve: {e}", file=sys.stderr)
+        return 1
+    if spec.settings.port == 0:
+        spec = LaunchSpec(_replace(spec.settings, port=free_port(spec.settings.host)), spec.engine)
+    with tempfile.TemporaryDirectory(prefix="llm-serve-") as tmp:
+        status_file = str(Path(tmp) / "status")
+        spec = LaunchSpec(_replace(spec.settings, status_file=status_file), spec.engine)
+        spec_file = Path(tmp) / "spec.pickle"
+        write_launch_spec(spec, spec_file)
+        return _supervise(spec.settings, spec_file, Path(status_file))
+
+
+def _replace(settings: ServerSettings, **changes) -> ServerSettings:
+    import dataclasses
+    return dataclasses.replace(settings, **changes)
+
+
+def _supervise(settings: ServerSettings, spec_file: Path, status_file: Path) -> int:
+    started = time.monotonic()
+    # NOTE: the server gets its own session so a terminal's Ctrl-C reaches only us; we forward it once.
+    child = subprocess.Popen([sys.executable, "-m", "launcher.server", str(spec_file)], start_new_session=True,
+                             preexec_fn=_die_with_parent)
+    stopping = {"signal": None}
+
+    def forward(signum, _frame) -> None:
+        if stopping["signal"] is None:
+            stopping["signal"] = signum
+            _signal_group(child.pid, signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        host = "127.0.0.1" if settings.host in ("0.0.0.0", "", "::") else settings.host
+        url = f"http://{'[' + host + ']' if ':' in host else host}:{settings.port}"
+        ready = _wait_ready(child, url, stopping)
+        if ready is not None:
+            names = list(settings.served_model_names)
+            alias = f" (aliases: {', '.join(names[1:])})" if len(names) > 1 else ""
+            print(f"llm: serving {names[0]}{alias} at {url}/v1 | device {ready.get('device')} | KV cache "
+                  f"{ready.get('kv_capacity_tokens')} tokens | max_model_len {ready.get('max_model_len')} | "
+                  f"ready in {time.monotonic() - started:.1f}s", flush=True)
+        code = _wait_exit(child, stopping)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _signal_group(child.pid, signal.SIGKILL)   # nothing of the server's may outlive it
+    if stopping["signal"] is not None and code in (0, -signal.SIGTERM):
+        print("llm: server stopped", file=sys.stderr)
+        return 0
+    if code != 0:
+        reason = status_file.read_text(encoding="utf-8").strip() if status_file.exists() else ""
+        print(f"llm serve: the server exited with status {code}" + (f": {reason}" if reason else ""),
+              file=sys.stderr)
+        return code if code > 0 else 1
+    return 0
+
+
+def _wait_ready(child: subprocess.Popen, url: str, stopping: dict) -> dict | None:
+    """Poll readiness, printing each startup phase once; the ready body, or None if the server ended first."""
+    last_phase = None
+    while child.poll() is None and stopping["signal"] is None:
+        try:
+            with urllib.request.urlopen(url + "/health/ready", timeout=2) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as e:
+            try:
+                phase = json.loads(e.read()).get("phase")
+            except ValueError:
+                phase = None
+            if phase and phase != last_phase:
+                print(f"llm: {phase} ...", file=sys.stderr, flush=True)
+                last_phase = phase
+        except (urllib.error.URLError, OSError, ValueError):
+            pass  # the port is not up yet
+        time.sleep(_POLL_S)
+    return None
+
+
+def _wait_exit(child: subprocess.Popen, stopping: dict) -> int:
+    deadline = None
+    while True:
+        try:
+            return child.wait(timeout=_POLL_S)
+        except subprocess.TimeoutExpired:
+            pass
+        if stopping["signal"] is not None:
+            deadline = deadline or time.monotonic() + _STOP_GRACE_S
+            if time.monotonic() > deadline:
+                _signal_group(child.pid, signal.SIGKILL)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if the supervisor itself dies (Linux), so no server is orphaned."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m launcher.supervise [PROFILE.toml]`: serve a profile file (or the built-in default)."""
+    from launcher.profile import default_profile, load_profile
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        profile = load_profile(argv[0]) if argv else default_profile()
+    except ProfileError as e:
+        print(f"llm serve: {e}", file=sys.stderr)
+        return 2
+    return serve(profile)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
