@@ -1,12 +1,14 @@
 """Request parsing: JSON bodies -> plain dataclasses with to_sampling_params() (hand-written validation)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.sampling_params import SamplingParams, SamplingParamsError
+from engine.sampling_params import SamplingParams, SamplingParamsError, StructuredOutputs
 from launcher.server.errors import APIError, bad_request
 from launcher.server.fields import Fields
+from launcher.server.structured import read_constraint
 
 MAX_N = 64                      # samples per prompt: more is a mistake, not a workload
 MAX_LOGPROBS = 20
@@ -45,6 +47,7 @@ class SamplingFields:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     logprobs: int | None = None            # number of alternatives; 0: only the chosen token's logprob
+    structured: StructuredOutputs | None = None   # constrained decoding (response_format & co.)
 
     def to_sampling_params(self, defaults: dict[str, Any], max_tokens: int | None) -> SamplingParams:
         """SamplingParams with request values over `defaults` (profile, then model); `max_tokens` is final."""
@@ -62,7 +65,7 @@ class SamplingFields:
                 ignore_eos=self.ignore_eos, include_stop_str_in_output=self.include_stop_str_in_output,
                 skip_special_tokens=self.skip_special_tokens,
                 spaces_between_special_tokens=self.spaces_between_special_tokens, logprobs=self.logprobs,
-                **kwargs)
+                structured_outputs=self.structured, **kwargs)
         except SamplingParamsError as e:
             raise bad_request(str(e), e.param) from None
 
@@ -138,26 +141,6 @@ def refuse_unsupported(f: Fields, keys: tuple[str, ...]) -> None:
             raise bad_request(UNSUPPORTED[key], key)
 
 
-def structured_output_constraint(response_format: dict | None, structured_outputs: dict | None) -> Any:
-    """The constraint (token mask source) a request asks for with `response_format` / `structured_outputs`.
-
-    NOTE: the single hook for constrained decoding: returns None when no constraint applies; the
-    structured-outputs work replaces the refusal below and attaches the result to SamplingParams.
-    """
-    if response_format is not None:
-        kind = response_format.get("type")
-        if kind not in ("text", "json_object", "json_schema"):
-            raise bad_request("'response_format.type' must be one of 'text', 'json_object', 'json_schema'",
-                              "response_format.type")
-        if kind != "text":
-            raise APIError(400, f"response_format {kind!r} is not supported yet", param="response_format",
-                           code="not_supported")
-    if structured_outputs:
-        raise APIError(400, "'structured_outputs' is not supported yet", param="structured_outputs",
-                       code="not_supported")
-    return None
-
-
 # ---------------------------------------------------------------------------------------- completions
 
 
@@ -188,7 +171,7 @@ def parse_completion_request(body: dict, vocab_size: int) -> CompletionRequest:
     sampling = read_sampling(f, vocab_size, logprobs)
     if stream and sampling.best_of is not None and sampling.best_of > sampling.n:
         raise bad_request("'best_of' > n cannot be streamed", "best_of")
-    structured_output_constraint(f.dict("response_format"), f.dict("structured_outputs"))
+    sampling = dataclasses.replace(sampling, structured=read_constraint(f))
     f.str("user")
     return CompletionRequest(model=model, prompts=prompts, sampling=sampling, stream=stream,
                              include_usage=include_usage, continuous_usage_stats=continuous, echo=echo,

@@ -1,14 +1,16 @@
 """Chat request parsing: messages, tools and tool_choice validated into a ChatRequest."""
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from launcher.server.errors import bad_request
 from launcher.server.fields import Fields
+from launcher.server.structured import read_constraint
 from launcher.server.protocol import (MAX_LOGPROBS, SamplingFields, _model, read_sampling, read_stream_options,
-                                      refuse_unsupported, structured_output_constraint)
+                                      refuse_unsupported)
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -51,7 +53,8 @@ def parse_chat_request(body: dict, vocab_size: int) -> ChatRequest:
     tools = _tools(f.list("tools"))
     tool_choice = _tool_choice(f.raw("tool_choice"), tools)
     response_format, structured = f.dict("response_format"), f.dict("structured_outputs")
-    constraint = structured_output_constraint(response_format, structured)
+    constraint = read_constraint(f)
+    sampling = dataclasses.replace(sampling, structured=constraint)
     add_generation_prompt = bool(f.bool("add_generation_prompt", True))
     continue_final = bool(f.bool("continue_final_message", False))
     if continue_final and add_generation_prompt and f.has("add_generation_prompt"):
