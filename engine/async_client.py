@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator, Callable
 
 from engine.config import EngineConfig
 from engine.core_process import EngineProcess
-from engine.messages import AbortRequest, EngineInfo, EngineRequest, EngineStats, TokenOutput
+from engine.messages import (AbortRequest, EmbedOutput, EmbedRequest, EngineInfo, EngineRequest, EngineStats,
+                             TokenOutput)
 from engine.sampling_params import SamplingParams
 
 
@@ -29,6 +30,7 @@ class AsyncEngineClient:
         self.error: str | None = None
         self._process = EngineProcess(config)
         self._queues: dict[str, asyncio.Queue] = {}
+        self._embeds: dict[str, asyncio.Future] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready: asyncio.Future | None = None
         self._send_lock = threading.Lock()
@@ -67,6 +69,10 @@ class AsyncEngineClient:
             self.stats = msg[2]
         elif kind == "stats":
             self.stats = msg[1]
+        elif kind == "embeddings":
+            future = self._embeds.pop(msg[1].request_id, None)
+            if future is not None and not future.done():
+                future.set_result(msg[1])
         elif kind == "phase":
             self.phase = msg[1]
             if self._on_phase:
@@ -90,6 +96,10 @@ class AsyncEngineClient:
             self._ready.set_exception(EngineStartupError(self.error))
         for rid, queue in self._queues.items():
             queue.put_nowait(TokenOutput(rid, -1, [], finish_reason="error", error=self.error))
+        for future in self._embeds.values():
+            if not future.done():
+                future.set_exception(EngineDeadError(self.error))
+        self._embeds.clear()
 
     def _send(self, msg) -> None:
         if self.error is not None:
@@ -121,6 +131,17 @@ class AsyncEngineClient:
             del self._queues[request_id]
             if remaining and self.error is None:
                 self.abort(request_id)
+
+    async def embed(self, request_id: str, inputs: list[list[int]], pooling: str | None = None,
+                    normalize: bool = True) -> EmbedOutput:
+        """Embed token id lists; the output carries a numpy [N, D] array or an error message."""
+        future = asyncio.get_running_loop().create_future()
+        self._embeds[request_id] = future
+        try:
+            self._send(EmbedRequest(request_id, inputs, pooling, normalize))
+            return await future
+        finally:
+            self._embeds.pop(request_id, None)
 
     def abort(self, request_id: str) -> None:
         try:

@@ -258,6 +258,11 @@ class EngineCore:
         self.num_requests_finished += 1
         return outputs
 
+    def embed(self, request):
+        """Pool this decoder's hidden states for /v1/embeddings (between steps, on a scratch cache)."""
+        from engine.embedding_core import decoder_embed_request
+        return decoder_embed_request(self, request)
+
     def stats(self) -> EngineStats:
         s = self.scheduler.stats()
         return EngineStats(

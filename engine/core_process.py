@@ -9,21 +9,26 @@ import traceback
 from multiprocessing.connection import Connection
 
 from engine.config import EngineConfig
-from engine.messages import AbortRequest, EngineRequest
+from engine.messages import AbortRequest, EmbedRequest, EngineRequest
 
 log = logging.getLogger("llm.engine")
 
 # Messages from the core: ("phase", str) | ("ready", EngineInfo) | ("fatal", str)
 #                         | ("outputs", list[TokenOutput], EngineStats) | ("stats", EngineStats)
-# Messages to the core:   EngineRequest | AbortRequest | "stats" | "shutdown"
+#                         | ("embeddings", EmbedOutput)
+# Messages to the core:   EngineRequest | AbortRequest | EmbedRequest | "stats" | "shutdown"
 
 
 def run_engine_core(config: EngineConfig, requests: Connection, outputs: Connection) -> None:
     """Process entry point: build the core, then serve until told to shut down or the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     try:
-        from engine.core import EngineCore
-        core = EngineCore(config, on_phase=lambda phase: outputs.send(("phase", phase)))
+        from engine.embedding_core import EmbeddingCore, is_encoder_model
+        if is_encoder_model(config.model):
+            core = EmbeddingCore(config, on_phase=lambda phase: outputs.send(("phase", phase)))
+        else:
+            from engine.core import EngineCore
+            core = EngineCore(config, on_phase=lambda phase: outputs.send(("phase", phase)))
     except Exception as e:  # startup errors are the user's to read: one line, no traceback
         outputs.send(("fatal", f"{type(e).__name__}: {e}" if not str(e) else str(e)))
         return
@@ -45,6 +50,8 @@ def _serve(core, requests: Connection, outputs: Connection) -> None:
                 immediate.extend(core.add_request(msg))
             elif isinstance(msg, AbortRequest):
                 immediate.extend(core.abort(msg.request_ids))
+            elif isinstance(msg, EmbedRequest):
+                outputs.send(("embeddings", core.embed(msg)))
             elif msg == "stats":
                 outputs.send(("stats", core.stats()))
             elif msg == "shutdown":

@@ -72,3 +72,20 @@ class EngineInfo:
     is_embedding_model: bool
     load_seconds: float
     default_sampling: dict = field(default_factory=dict)   # from generation_config.json
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedRequest:
+    request_id: str
+    inputs: list[list[int]]              # token ids per input (special tokens included)
+    pooling: str | None = None           # decoder models: 'last' | 'mean' (None: 'last')
+    normalize: bool = True               # decoder models only; encoders follow their own config
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedOutput:
+    request_id: str
+    embeddings: object | None = None     # numpy float32 [len(inputs), dimensions]
+    num_tokens: int = 0
+    error: str | None = None
+    error_code: str | None = None        # 'context_length_exceeded' for an over-long input

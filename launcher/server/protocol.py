@@ -160,7 +160,7 @@ def parse_completion_request(body: dict, vocab_size: int) -> CompletionRequest:
     f = Fields(body)
     model = _model(f)
     refuse_unsupported(f, ("suffix",))
-    prompts = _prompts(f.raw("prompt"), vocab_size)
+    prompts = read_prompts(f.raw("prompt"), vocab_size)
     logprobs = f.int("logprobs", lo=0, hi=MAX_LOGPROBS)
     stream = bool(f.bool("stream", False))
     include_usage, continuous = read_stream_options(f, stream)
@@ -187,10 +187,10 @@ def _model(f: Fields) -> str:
     return model
 
 
-def _prompts(prompt: Any, vocab_size: int) -> list[str | list[int]]:
+def read_prompts(prompt: Any, vocab_size: int, param: str = "prompt") -> list[str | list[int]]:
     """OpenAI's four prompt shapes: a string, strings, token ids, or lists of token ids."""
     if prompt is None:
-        raise bad_request("'prompt' is required", "prompt")
+        raise bad_request(f"'{param}' is required", param)
     if isinstance(prompt, str):
         prompts: list = [prompt]
     elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
@@ -201,15 +201,15 @@ def _prompts(prompt: Any, vocab_size: int) -> list[str | list[int]]:
           and all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt)):
         prompts = list(prompt)
     elif isinstance(prompt, list) and not prompt:
-        raise bad_request("'prompt' must not be empty", "prompt")
+        raise bad_request(f"'{param}' must not be empty", param)
     else:
-        raise bad_request("'prompt' must be a string, an array of strings, an array of token ids, or an array "
-                          "of token-id arrays", "prompt")
+        raise bad_request(f"'{param}' must be a string, an array of strings, an array of token ids, or an "
+                          "array of token-id arrays", param)
     if len(prompts) > MAX_PROMPTS:
-        raise bad_request(f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}", "prompt")
+        raise bad_request(f"at most {MAX_PROMPTS} inputs per request, got {len(prompts)}", param)
     for p in prompts:
         if isinstance(p, list) and any(not 0 <= t < vocab_size for t in p):
-            raise bad_request(f"prompt token ids must be in [0, {vocab_size})", "prompt")
+            raise bad_request(f"{param} token ids must be in [0, {vocab_size})", param)
     return prompts
 
 

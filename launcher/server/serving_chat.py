@@ -67,6 +67,7 @@ def _cut_after_final(text: str, final: str | list) -> str:
 async def create_chat_completion(state: ServerState, request: Request, body: dict) -> HTTPResponse | None:
     req = parse_chat_request(body, state.info.vocab_size)
     state.check_model(req.model)
+    state.check_generates(req.model)
     prompt_ids = render_chat_prompt(state, req)
     max_tokens = state.resolve_max_tokens(len(prompt_ids), req.sampling.max_tokens, "messages")
     params = req.sampling.to_sampling_params(state.defaults, max_tokens)
@@ -94,7 +95,9 @@ class _Call:
 
     def finish_reason(self, i: int) -> str | None:
         reason = self.samples[i].finish_reason
-        return "tool_calls" if reason == "stop" and self.parsers[i].has_tool_calls else reason
+        # OpenAI answers 'stop' when tool_choice names the function, 'tool_calls' when the model chose to call.
+        forced = isinstance(self.req.tool_choice, dict)
+        return "tool_calls" if reason == "stop" and self.parsers[i].has_tool_calls and not forced else reason
 
     def usage(self) -> dict:
         return usage(len(self.prompt_ids), sum(len(s.token_ids) for s in self.samples), self.num_cached)

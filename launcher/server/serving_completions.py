@@ -65,6 +65,7 @@ class _Prepared:
 async def create_completion(state: ServerState, request: Request, body: dict) -> HTTPResponse | None:
     req = parse_completion_request(body, state.info.vocab_size)
     state.check_model(req.model)
+    state.check_generates(req.model)
     prepared = _Prepared(state, req)
     with state.admitted():
         if req.stream:

@@ -1,9 +1,17 @@
-"""POST /v1/embeddings: the hook where embedding support lands; a decoder model answers a clear 400."""
+"""POST /v1/embeddings: encoder models with their own pooling; decoder models by last-token or mean pooling."""
 from __future__ import annotations
 
+import base64
+
+import numpy as np
+
+from engine.async_client import EngineDeadError
 from launcher.server.errors import APIError, bad_request
 from launcher.server.fields import Fields
+from launcher.server.protocol import read_prompts
 from launcher.server.state import ServerState
+
+DECODER_POOLING = ("last", "mean")
 
 
 async def create_embedding(state: ServerState, body: dict) -> dict:
@@ -12,9 +20,35 @@ async def create_embedding(state: ServerState, body: dict) -> dict:
     if not isinstance(model, str):
         raise bad_request("'model' (a string) is required", "model")
     state.check_model(model)
-    if f.raw("input") is None:
-        raise bad_request("'input' is required", "input")
-    if not state.info.is_embedding_model:
-        raise APIError(400, f"the model `{model}` does not support embeddings (it is a text-generation model); "
-                       "serve an embedding model for /v1/embeddings", param="model", code="model_not_supported")
-    raise APIError(400, "embeddings are not supported yet", param="model", code="not_supported")
+    info = state.info
+    inputs = read_prompts(f.raw("input"), info.vocab_size, param="input")
+    encoding = f.str("encoding_format", "float", choices=("float", "base64"))
+    pooling = f.str("pooling", None, choices=DECODER_POOLING)  # our extension, decoder models only
+    if pooling is not None and info.is_embedding_model:
+        raise bad_request("'pooling' applies to decoder models; this model pools as its config says", "pooling")
+    normalize = bool(f.bool("normalize", True))
+    dimensions = f.int("dimensions", lo=1)
+    f.str("user")
+    token_lists = [state.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in inputs]
+    for i, ids in enumerate(token_lists):
+        if not ids:
+            raise bad_request(f"input {i} is empty", "input")
+        if len(ids) > info.max_model_len:
+            raise APIError(400, f"input {i} has {len(ids)} tokens, more than this model's maximum of "
+                           f"{info.max_model_len} tokens", param="input", code="context_length_exceeded")
+    with state.admitted():
+        try:
+            out = await state.engine.embed(state.new_request_id("embd"), token_lists, pooling, normalize)
+        except EngineDeadError as e:
+            raise APIError(503, f"the engine is not available: {e}", "service_unavailable_error") from None
+    if out.error:
+        raise APIError(400, out.error, param="input", code=out.error_code)
+    vectors = np.asarray(out.embeddings, dtype=np.float32)
+    if dimensions is not None and dimensions != vectors.shape[1]:
+        raise bad_request(f"this model's embeddings have {vectors.shape[1]} dimensions and cannot be shortened "
+                          f"to {dimensions}", "dimensions")
+    data = [{"object": "embedding", "index": i,
+             "embedding": base64.b64encode(row.tobytes()).decode() if encoding == "base64" else row.tolist()}
+            for i, row in enumerate(vectors)]
+    return {"object": "list", "data": data, "model": model,
+            "usage": {"prompt_tokens": out.num_tokens, "total_tokens": out.num_tokens}}

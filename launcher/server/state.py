@@ -102,6 +102,11 @@ class ServerState:
         if name not in self.settings.served_model_names:
             raise model_not_found(name)
 
+    def check_generates(self, name: str) -> None:
+        if self.info.is_embedding_model:
+            raise APIError(400, f"the model `{name}` is an embedding model: use /v1/embeddings", param="model",
+                           code="model_not_supported")
+
     def new_request_id(self, prefix: str) -> str:
         return f"{prefix}-{uuid.uuid4().hex}"
 

@@ -83,26 +83,15 @@ def _read_lines(stream, sink: list[str]) -> None:
         sink.append(line.rstrip("\n"))
 
 
-@pytest.fixture(scope="session")
-def server(default_gguf_path: str, tmp_path_factory: pytest.TempPathFactory) -> Server:
-    tmp = tmp_path_factory.mktemp("server")
+def start_server(profile_body: str, tmp: Path, api_key: str = API_KEY, model_path: str = "") -> Server:
+    """Start `llm serve` (the supervisor) on a free port with a profile; wait until it is ready."""
     port = _free_port()
     profile = tmp / "test.toml"
-    profile.write_text(f"""
-[model]
-source = "{default_gguf_path}"
-served_names = ["{PRIMARY}", "{ALIAS}"]
-max_model_len = {MAX_MODEL_LEN}
-
-[engine]
-device = "cpu"
-kv_cache_gib = 0.5
-max_num_seqs = 256
-
+    profile.write_text(profile_body + f"""
 [server]
 host = "127.0.0.1"
 port = {port}
-api_keys = ["{API_KEY}"]
+api_keys = ["{api_key}"]
 cors_origins = ["{ALLOWED_ORIGIN}"]
 max_request_body_bytes = {MAX_BODY}
 """)
@@ -111,7 +100,7 @@ max_request_body_bytes = {MAX_BODY}
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "launcher.supervise", str(profile)], cwd=REPO, env=env,
                                 stdout=subprocess.PIPE, stderr=log, text=True)
-    srv = Server(f"http://127.0.0.1:{port}", API_KEY, proc, default_gguf_path, log_path=log_path)
+    srv = Server(f"http://127.0.0.1:{port}", api_key, proc, model_path, log_path=log_path)
     threading.Thread(target=_read_lines, args=(proc.stdout, srv.stdout_lines), daemon=True).start()
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     try:
@@ -131,6 +120,26 @@ max_request_body_bytes = {MAX_BODY}
             if srv.stdout_lines:
                 break
             time.sleep(0.05)
+    except BaseException:
+        srv.stop()
+        raise
+    return srv
+
+
+@pytest.fixture(scope="session")
+def server(default_gguf_path: str, tmp_path_factory: pytest.TempPathFactory) -> Server:
+    srv = start_server(f"""
+[model]
+source = "{default_gguf_path}"
+served_names = ["{PRIMARY}", "{ALIAS}"]
+max_model_len = {MAX_MODEL_LEN}
+
+[engine]
+device = "cpu"
+kv_cache_gib = 0.5
+max_num_seqs = 256
+""", tmp_path_factory.mktemp("server"), model_path=default_gguf_path)
+    try:
         yield srv
     finally:
         srv.stop()

@@ -133,10 +133,12 @@ def test_cors(server):
     assert "authorization" in pre.headers["access-control-allow-headers"].lower()
 
 
-def test_embeddings_route_refuses_decoder_model(client):
-    with pytest.raises(openai.BadRequestError) as err:
-        client.embeddings.create(model=PRIMARY, input="hello")
-    assert "does not support embeddings" in err.value.body["message"]
+def test_decoder_model_embeddings_pool_the_last_token(client):
+    response = client.embeddings.create(model=PRIMARY, input=["hello there", "general kenobi"])
+    vectors = [d.embedding for d in response.data]
+    assert len(vectors) == 2 and len(vectors[0]) == 576  # SmolLM2-135M's hidden size
+    assert all(abs(sum(x * x for x in v) - 1.0) < 1e-4 for v in vectors)  # normalized
+    assert response.usage.prompt_tokens == response.usage.total_tokens > 0
 
 
 def _metric(text: str, name: str, labels: str = "") -> float:

@@ -1,0 +1,85 @@
+"""The engine core for an encoder (embedding-only) model, with EngineCore's surface for the process loop."""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from engine.config import EngineConfig
+from engine.embedding import EmbeddingModel, InputTooLongError, decoder_embed
+from engine.messages import EmbedOutput, EmbedRequest, EngineInfo, EngineRequest, EngineStats, TokenOutput
+
+ENCODER_MODEL_TYPES = ("bert",)
+
+
+def is_encoder_model(path: str | Path) -> bool:
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("model_type") in ENCODER_MODEL_TYPES
+    except (json.JSONDecodeError, OSError):
+        return False
+
+
+def embed_request(embed: Callable[[list[list[int]]], torch.Tensor], request: EmbedRequest) -> EmbedOutput:
+    """Run an embedding call, turning input errors into an error output (never a dead engine)."""
+    try:
+        vectors = embed(request.inputs)
+    except InputTooLongError as e:
+        return EmbedOutput(request.request_id, error=str(e), error_code="context_length_exceeded")
+    except ValueError as e:
+        return EmbedOutput(request.request_id, error=str(e))
+    return EmbedOutput(request.request_id, embeddings=vectors.numpy(),
+                       num_tokens=sum(len(ids) for ids in request.inputs))
+
+
+def decoder_embed_request(core, request: EmbedRequest) -> EmbedOutput:
+    pooling = request.pooling or "last"
+    return embed_request(lambda inputs: decoder_embed(core, inputs, pooling, request.normalize), request)
+
+
+class EmbeddingCore:
+    """Serves /v1/embeddings for a sentence-transformers encoder; generation requests are refused."""
+
+    def __init__(self, config: EngineConfig, on_phase: Callable[[str], None] = lambda phase: None):
+        start = time.monotonic()
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        from engine.core import _pick_device, _pick_dtype
+        device = _pick_device(config.device)
+        dtype = _pick_dtype(config.dtype, device)
+        on_phase("loading weights")
+        self.model = EmbeddingModel.from_path(config.model, device, dtype)
+        self.requests: dict = {}
+        self.info = EngineInfo(
+            model_name=config.served_name or config.model, max_model_len=self.model.max_seq_length,
+            num_blocks=0, block_size=0, kv_capacity_tokens=0, device=str(device),
+            dtype=str(dtype).removeprefix("torch."), eos_token_ids=(), vocab_size=self.model.model.config.vocab_size,
+            is_embedding_model=True, load_seconds=time.monotonic() - start)
+
+    def add_request(self, request: EngineRequest) -> list[TokenOutput]:
+        return [TokenOutput(request.request_id, i, [], finish_reason="error",
+                            error="this is an embedding model: it does not generate text")
+                for i in range(request.params.n)]
+
+    def embed(self, request: EmbedRequest) -> EmbedOutput:
+        return embed_request(self.model.embed, request)
+
+    def abort(self, request_ids: list[str]) -> list[TokenOutput]:
+        return []
+
+    def fail_all(self, message: str) -> list[TokenOutput]:
+        return []
+
+    def has_work(self) -> bool:
+        return False
+
+    def step(self) -> list[TokenOutput]:
+        return []
+
+    def stats(self) -> EngineStats:
+        return EngineStats()
