@@ -16,6 +16,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if residual is not None:
         x = x + residual
         residual = x
+    if x.dtype == torch.float32:  # the fused op; bit-identical to the steps below in float32
+        return torch.rms_norm(x, (x.shape[-1],), weight, eps), residual
     dtype = x.dtype
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
@@ -31,14 +33,13 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     Returns new q, k (same dtype).
     """
     half = q.shape[-1] // 2
-    cs = cos_sin_cache[positions]
-    cos = torch.cat([cs[:, :half], cs[:, :half]], dim=-1).unsqueeze(1)
-    sin = torch.cat([cs[:, half:], cs[:, half:]], dim=-1).unsqueeze(1)
+    cs = cos_sin_cache[positions].unsqueeze(1)
+    cos, sin = cs[..., :half].to(q.dtype), cs[..., half:].to(q.dtype)
 
     def rotate(x: torch.Tensor) -> torch.Tensor:
+        # x * [cos, cos] + rotate_half(x) * [sin, sin], written per half (the same roundings).
         x1, x2 = x[..., :half], x[..., half:]
-        rotated = torch.cat((-x2, x1), dim=-1)
-        return (x * cos.to(x.dtype) + rotated * sin.to(x.dtype)).to(x.dtype)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
     return rotate(q), rotate(k)
 
@@ -90,15 +91,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     max_ctx = int(context_lens.max()) if max_context_len is None else max_context_len
     k = _gather_kv(k_cache, block_tables, max_ctx)                           # [B, kvh, L, D]
     v = _gather_kv(v_cache, block_tables, max_ctx)
-    kvh = k.shape[1]
-    group = num_heads // kvh
-    qg = q.view(b, kvh, group, d)
-    scores = torch.matmul(qg.float(), k.float().transpose(-1, -2)) * scale  # [B, kvh, g, L]
-    valid = torch.arange(max_ctx, device=q.device)[None, :] < context_lens[:, None]
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs, v.float())                                    # [B, kvh, g, D]
-    return out.reshape(b, num_heads, d).to(q.dtype)
+    valid = torch.arange(max_ctx, device=q.device)[None, :] < context_lens[:, None]   # [B, L]
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=valid[:, None, None, :],
+                                         scale=scale, enable_gqa=True)               # [B, h, 1, D]
+    return out.view(b, num_heads, d)
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -141,3 +137,27 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     out = torch.matmul(probs, v.float().unsqueeze(2))                        # [B, kvh, g, max_q, D]
     out = out.permute(0, 3, 1, 2, 4).reshape(b, max_q, num_heads, d)
     return out[q_valid].to(q.dtype)
+
+
+def sample_top_k_top_p(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                       top_p: torch.Tensor, exponentials: torch.Tensor) -> torch.Tensor:
+    """Sample one token per row with temperature, top-k then top-p, and no host sync.
+
+    logits: [B, V]; temperature: [B] (<= 0: greedy argmax of the raw logits); top_k: [B] int (<= 0 or
+    >= V: off); top_p: [B] (>= 1: off); exponentials: [B, V] float32 Exp(1) draws (the randomness, so
+    runs are reproducible). Tokens tied with a cut-off value are kept. Among the kept tokens of
+    x = logits / temperature the row picks argmax(x - log E), i.e. argmax(p / E), an exact draw from the
+    renormalised distribution; the first maximum wins ties. Returns [B] int64.
+    """
+    b, vocab = logits.shape
+    is_sampled = temperature > 0
+    x = logits.float() / torch.where(is_sampled, temperature.float(), 1.0)[:, None]
+    desc = x.sort(dim=-1, descending=True).values
+    k = torch.where((top_k > 0) & (top_k < vocab), top_k.long(), vocab)
+    kth = desc.gather(1, (k - 1)[:, None])                                   # [B, 1]
+    # top-p: keep the shortest prefix of the sorted survivors whose mass reaches top_p
+    cumulative = desc.masked_fill(desc < kth, float("-inf")).softmax(dim=-1).cumsum(dim=-1)
+    num_kept = ((cumulative < top_p.float()[:, None]).sum(dim=-1, keepdim=True) + 1).clamp(max=k[:, None])
+    cut = torch.where((top_p < 1)[:, None], torch.maximum(kth, desc.gather(1, num_kept - 1)), kth)
+    race = (x - exponentials.log()).masked_fill(x < cut, float("-inf"))
+    return torch.where(is_sampled, race.argmax(dim=-1), logits.argmax(dim=-1))

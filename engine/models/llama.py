@@ -37,8 +37,8 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x, residual = layer(positions, x, residual, self.cos_sin_cache, kv_cache, meta)
-        x, _ = self.norm(x, residual)
+            x, residual = layer.forward(positions, x, residual, self.cos_sin_cache, kv_cache, meta)
+        x, _ = self.norm.forward(x, residual)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
