@@ -68,8 +68,8 @@ class BlockManager:
 
     def _match_prefix_blocks(self, seq: Sequence) -> list[int]:
         """Cached blocks holding the longest prefix of seq, leaving at least one token to compute."""
-        if not self.enable_prefix_caching:
-            return []
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+            return []  # prompt logprobs need every prompt position computed, so no cache hits
         # NOTE: never the whole sequence: the last token must be computed to give logits to sample.
         max_blocks = (seq.num_tokens - 1) // self.block_size
         self._ensure_block_hashes(seq, max_blocks)

@@ -16,7 +16,7 @@ from engine.loader import LoadError, ModelFiles, load_config, load_model
 from engine.messages import EngineInfo, EngineRequest, EngineStats, TokenOutput
 from engine.model_runner import ModelRunner
 from engine.request import Sequence
-from engine.sampler import Sampler, SamplingRow
+from engine.sampler import Sampler, SamplingRow, compute_prompt_logprobs
 from engine.scheduler import PromptTooLongError, Scheduler, SchedulerConfig
 
 log = logging.getLogger("llm.engine")
@@ -34,6 +34,8 @@ class _RequestState:
     generators: list[torch.Generator | None]
     cumulative_logprobs: list[float]
     matchers: list | None = None   # per-sample grammar state for structured outputs
+    prompt_logprobs: list = field(default_factory=list)   # (logprob, top-k) per prompt token after the first
+    prompt_logprobs_sent: bool = False
     # best_of > n: every sample's tokens are held until all finish, then the n best are sent.
     held: list[list[int]] = field(default_factory=list)
     num_finished: int = 0
@@ -183,7 +185,9 @@ class EngineCore:
         if batch is None:
             return []
         prepared = self.runner.prepare(batch)
-        logits = self.runner.forward(prepared)
+        logits, prompt_logits = self.runner.forward(prepared)
+        if prompt_logits is not None:
+            self._record_prompt_logprobs(batch, prepared, prompt_logits)
         sampled: list[int | None] = [None] * len(batch.seqs)
         sampled_logprob: dict[int, tuple[float, list]] = {}
         if prepared.sample_rows:
@@ -210,6 +214,19 @@ class EngineCore:
         self.scheduler.update(batch, sampled)
         return self._outputs(batch, sampled, sampled_logprob)
 
+    def _record_prompt_logprobs(self, batch, prepared, prompt_logits) -> None:
+        for row, offset, count in prepared.prompt_logprob_spans:
+            s = batch.seqs[row]
+            rid, index = self._seq_owner[s.seq.seq_id]
+            state = self.requests[rid]
+            done = len(state.prompt_logprobs)
+            if index != 0 or s.start + count <= done:
+                continue  # one sample records them; a recompute after preemption adds nothing new
+            skip = done - s.start if done > s.start else 0
+            targets = s.seq.prompt_token_ids[s.start + 1 + skip: s.start + 1 + count]
+            state.prompt_logprobs.extend(compute_prompt_logprobs(
+                prompt_logits[offset + skip: offset + count], targets, s.seq.params.prompt_logprobs))
+
     def _outputs(self, batch, sampled, sampled_logprob) -> list[TokenOutput]:
         outputs = []
         for r, s in enumerate(batch.seqs):
@@ -229,8 +246,12 @@ class EngineCore:
                     if state.num_finished == len(state.seqs):
                         outputs.extend(self._finish_best_of(rid, state))
                 continue
+            prompt_logprobs = None
+            if params.prompt_logprobs is not None and not state.prompt_logprobs_sent:
+                prompt_logprobs = [None] + state.prompt_logprobs
+                state.prompt_logprobs_sent = True
             outputs.append(TokenOutput(
-                rid, index, [token],
+                rid, index, [token], prompt_logprobs=prompt_logprobs,
                 new_logprobs=[logprob] if params.logprobs is not None else None,
                 new_top_logprobs=[top] if params.logprobs else None,
                 finish_reason=seq.finish_reason if finished else None,

@@ -16,6 +16,10 @@ class PreparedBatch:
     meta: AttentionMetadata
     logits_indices: torch.Tensor   # [S] rows of the hidden states to sample from (one per sampling seq)
     sample_rows: list[int]         # batch row index of each sampling seq
+    # Prompt logprobs: (batch row, first hidden row, number of positions) for rows that asked for them;
+    # their hidden rows follow the S sampling rows in the logits.
+    prompt_logprob_spans: list[tuple[int, int, int]]
+    prompt_logprob_indices: torch.Tensor
 
 
 class ModelRunner:
@@ -47,6 +51,8 @@ class ModelRunner:
         logits_indices: list[int] = []
         sample_rows: list[int] = []
         decode_tables, decode_lens, prefill_tables, prefill_lens = [], [], [], []
+        spans: list[tuple[int, int, int]] = []
+        span_indices: list[int] = []
         cu = [0]
         num_decode_tokens = 0
         max_q = 0
@@ -57,7 +63,13 @@ class ModelRunner:
             assert len(tokens) == s.num_tokens, "scheduled tokens must already be known"
             table = seq.block_table
             assert len(table) * bs >= end, "block table must cover the scheduled tokens"
+            first = len(input_ids)
             input_ids.extend(tokens)
+            # Positions p < num_prompt - 1 predict a prompt token: their logits give prompt logprobs.
+            wanted = min(end, seq.num_prompt_tokens - 1) - s.start
+            if seq.params.prompt_logprobs is not None and wanted > 0:
+                spans.append((row, len(span_indices), wanted))
+                span_indices.extend(range(first, first + wanted))
             pos = range(s.start, end)
             positions.extend(pos)
             slots.extend(table[p // bs] * bs + p % bs for p in pos)
@@ -97,10 +109,16 @@ class ModelRunner:
             positions=torch.tensor(positions, dtype=torch.int64, device=dev),
             meta=meta,
             logits_indices=torch.tensor(logits_indices, dtype=torch.int64, device=dev),
-            sample_rows=sample_rows)
+            sample_rows=sample_rows,
+            prompt_logprob_spans=spans,
+            prompt_logprob_indices=torch.tensor(span_indices, dtype=torch.int64, device=dev))
 
     @torch.inference_mode()
-    def forward(self, prepared: PreparedBatch) -> torch.Tensor:
-        """Run the model; logits [S, V] float32 for the sampling rows only."""
+    def forward(self, prepared: PreparedBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the model: logits [S, V] float32 for the sampling rows, and for the prompt-logprob
+        positions (None when no row asked for them)."""
         hidden = self.model(prepared.input_ids, prepared.positions, self.kv_caches, prepared.meta)
-        return self.model.compute_logits(hidden[prepared.logits_indices])
+        logits = self.model.compute_logits(hidden[prepared.logits_indices])
+        if not prepared.prompt_logprob_spans:
+            return logits, None
+        return logits, self.model.compute_logits(hidden[prepared.prompt_logprob_indices])

@@ -35,7 +35,7 @@ def test_logits_match_transformers(checkpoint):
     # Prefill in two chunks (the second attends to the first through the paged cache).
     for start, n in ((0, 20), (20, 25)):
         batch = Batch([ScheduledSeq(seq, start, n, sample=start + n == len(prompt))], n, 0)
-        logits = runner.forward(runner.prepare(batch))
+        logits, _ = runner.forward(runner.prepare(batch))
     with torch.no_grad():
         ref = hf(torch.tensor([prompt])).logits[0, -1].float()
     assert config.architecture == hf.config.architectures[0]
@@ -54,3 +54,26 @@ def test_greedy_tokens_match_transformers(checkpoint):
             ref = hf.generate(torch.tensor([prompt]), max_new_tokens=24, min_new_tokens=24,
                               do_sample=False, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
         assert ours[f"r{i}"] == ref[0, len(prompt):].tolist(), f"{kind} prompt {i}"
+
+
+def test_prompt_logprobs_match_transformers(checkpoint):
+    kind, hf, path = checkpoint
+    core = EngineCore(engine_config(path, block_size=8, max_num_batched_tokens=32, max_num_seqs=8))
+    prompt = torch.randint(3, 512, (50,), generator=torch.Generator().manual_seed(3)).tolist()
+    import time
+
+    from engine.messages import EngineRequest
+    # Twice: the second run's prefix would be cached, but prompt logprobs must still cover every position.
+    for rid in ("first", "second"):
+        core.add_request(EngineRequest(rid, prompt, SamplingParams(max_tokens=2, prompt_logprobs=3), time.monotonic()))
+        got = None
+        while core.has_work():
+            for out in core.step():
+                got = out.prompt_logprobs if out.prompt_logprobs is not None else got
+        assert got is not None and len(got) == len(prompt) and got[0] is None
+        with torch.no_grad():
+            ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), dim=-1)
+        for t in range(1, len(prompt)):
+            logprob, top = got[t]
+            assert abs(logprob - ref[t - 1, prompt[t]].item()) < 1e-4
+            assert [i for i, _ in top] == ref[t - 1].topk(3).indices.tolist()
