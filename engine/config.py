@@ -152,3 +152,8 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     seed: int = 0
     num_threads: int | None = None           # torch CPU threads in the engine process (None: all cores)
+    cuda_graphs: bool = True                 # on CUDA: replay decode-only steps from captured graphs
+    cuda_graph_sizes: tuple[int, ...] = ()   # batch sizes to capture; empty: 1, 2, 4, 8, 16, 24, ... (step 8)
+    cuda_graph_max_batch: int | None = None  # largest captured batch (None: max_num_seqs); larger run eagerly
+    autotune: bool = True                    # on CUDA: time kernel configs at startup (cached per GPU)
+    autotune_cache_dir: str | None = None    # tuned-config cache (None: $LLM_HOME/autotune)

@@ -66,6 +66,10 @@ class EngineCore:
                 f"{capacity} (or 'auto'), or give the cache more memory")
         self.max_model_len = max_model_len
         self.runner = ModelRunner(self.model, model_config, num_blocks, config.block_size, self.dtype, self.device)
+        self.gpu_startup = None  # engine.cuda_graph.GpuStartup: autotune and graph capture figures
+        if self.device.type == "cuda":
+            from engine.cuda_graph import prepare_gpu
+            self.gpu_startup = prepare_gpu(self.runner, config, max_model_len, on_phase)
         self.eos_token_ids, self.default_sampling = _generation_defaults(files, model_config)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(

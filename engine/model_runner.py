@@ -20,6 +20,7 @@ class PreparedBatch:
     # their hidden rows follow the S sampling rows in the logits.
     prompt_logprob_spans: list[tuple[int, int, int]]
     prompt_logprob_indices: torch.Tensor
+    graph_batch_size: int = 0      # > 0: inputs sit in the decode graphs' buffers; replay this bucket
 
 
 class ModelRunner:
@@ -36,6 +37,7 @@ class ModelRunner:
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
                            torch.zeros(shape, dtype=dtype, device=device))
                           for _ in range(config.num_hidden_layers)]
+        self.graphs = None  # engine.cuda_graph.DecodeGraphs, attached after capture on CUDA
 
     @staticmethod
     def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -44,6 +46,8 @@ class ModelRunner:
 
     def prepare(self, batch) -> PreparedBatch:
         """Flatten a Batch (decode rows first, then prefill rows) into model inputs."""
+        if self.graphs is not None and self.graphs.can_run(batch):
+            return self.graphs.prepare(batch)
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -117,6 +121,8 @@ class ModelRunner:
     def forward(self, prepared: PreparedBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run the model: logits [S, V] float32 for the sampling rows, and for the prompt-logprob
         positions (None when no row asked for them)."""
+        if prepared.graph_batch_size:
+            return self.graphs.run(prepared.graph_batch_size)[: len(prepared.sample_rows)], None
         hidden = self.model(prepared.input_ids, prepared.positions, self.kv_caches, prepared.meta)
         logits = self.model.compute_logits(hidden[prepared.logits_indices])
         if not prepared.prompt_logprob_spans:

@@ -170,7 +170,9 @@ def engine_kwargs(profile: Profile) -> dict[str, Any]:
               "block_size": e.block_size, "kv_cache_gib": e.kv_cache_gib,
               "kv_cache_memory_fraction": e.kv_cache_memory_fraction, "max_num_seqs": e.max_num_seqs,
               "max_num_batched_tokens": e.max_num_batched_tokens,
-              "enable_prefix_caching": e.enable_prefix_caching, "seed": e.seed}
+              "enable_prefix_caching": e.enable_prefix_caching, "seed": e.seed,
+              "cuda_graphs": e.cuda_graphs, "cuda_graph_sizes": e.cuda_graph_sizes,
+              "autotune": profile.kernels.autotune, "autotune_cache_dir": profile.kernels.cache_dir}
     return {k: v for k, v in kwargs.items() if v is not None}
 
 

@@ -1,0 +1,240 @@
+"""Decode steps captured as CUDA graphs per batch-size bucket, replayed from static input buffers."""
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from engine.attention import AttentionMetadata
+from engine.model_runner import PreparedBatch
+
+log = logging.getLogger("llm.engine")
+
+SMALL_SIZES = (1, 2, 4, 8)   # below the step every size is worth a graph: padding 1 -> 8 would triple the work
+SIZE_STEP = 8                # then 16, 24, 32, ...: at most 7 padded rows per decode step
+
+
+def graph_batch_sizes(max_num_seqs: int, max_batch: int | None = None,
+                      sizes: Sequence[int] = ()) -> tuple[int, ...]:
+    """The batch sizes to capture, ascending: `sizes` when given, else 1, 2, 4, 8, 16, 24, ... up to the cap
+    (min of max_num_seqs and max_batch), with the cap itself last so every batch up to it has a bucket."""
+    cap = min(max_num_seqs, max_batch) if max_batch is not None else max_num_seqs
+    if cap < 1:
+        return ()
+    if sizes:
+        return tuple(sorted({s for s in sizes if 1 <= s <= cap}))
+    grid = [s for s in SMALL_SIZES if s <= cap] + list(range(2 * SIZE_STEP, cap + 1, SIZE_STEP))
+    if grid[-1] != cap:
+        grid.append(cap)
+    return tuple(grid)
+
+
+def bucket_for(num_seqs: int, sizes: Sequence[int]) -> int | None:
+    """The smallest captured size that holds num_seqs rows (sizes ascending); None: run eagerly."""
+    i = bisect.bisect_left(sizes, num_seqs)
+    return sizes[i] if i < len(sizes) else None
+
+
+def table_width(max_model_len: int, block_size: int) -> int:
+    """Block-table columns every graph is captured with: enough for the longest allowed sequence."""
+    return -(-max_model_len // block_size)
+
+
+class DecodeBuffers:
+    """The static inputs every decode graph reads, sized for the largest bucket.
+
+    The four per-row vectors live in one [4, max_batch] tensor and the tables in a [max_batch, width] one,
+    so a step costs two host-to-device copies from pinned staging buffers. Padded rows get slot -1 (the KV
+    store skips them) and context length 0 (the decode kernel writes zeros for them).
+    """
+
+    def __init__(self, max_batch: int, width: int, block_size: int, device: torch.device):
+        self.max_batch = max_batch
+        self.width = width
+        self.block_size = block_size
+        self.device = device
+        self.header = torch.zeros((4, max_batch), dtype=torch.int64, device=device)
+        self.header[2].fill_(-1)
+        self.block_tables = torch.zeros((max_batch, width), dtype=torch.int64, device=device)
+        self._no_prefill = torch.zeros(1, dtype=torch.int64, device=device)   # cu_seqlens of zero prefill rows
+        pin = device.type == "cuda"
+        self._host_header = torch.zeros((4, max_batch), dtype=torch.int64, pin_memory=pin)
+        self._host_tables = torch.zeros((max_batch, width), dtype=torch.int64, pin_memory=pin)
+        # NOTE: the staging buffers are rewritten only after the previous step's copies have finished
+        self._copied = torch.cuda.Event() if pin else None
+
+    @property
+    def nbytes(self) -> int:
+        return (self.header.numel() + self.block_tables.numel()) * 8
+
+    def meta(self, batch_size: int) -> AttentionMetadata:
+        """Metadata over the first batch_size rows; what a graph of that size is captured with."""
+        empty = self._no_prefill[:0]
+        return AttentionMetadata(
+            slot_mapping=self.header[2, :batch_size], num_decode_tokens=batch_size,
+            decode_block_tables=self.block_tables[:batch_size], decode_context_lens=self.header[3, :batch_size],
+            # an upper bound: the Triton kernel ignores it, the torch twin gathers this many positions
+            max_decode_context_len=self.width * self.block_size,
+            prefill_cu_seqlens_q=self._no_prefill, prefill_context_lens=empty,
+            prefill_block_tables=self.block_tables[:0], max_prefill_query_len=0, max_prefill_context_len=0)
+
+    def fill(self, batch, batch_size: int) -> None:
+        """Write a decode-only batch into rows [0, n) and padding into rows [n, batch_size)."""
+        n = len(batch.seqs)
+        assert batch.is_decode_only and n <= batch_size <= self.max_batch, (n, batch_size)
+        if self._copied is not None:
+            self._copied.synchronize()
+        header, tables = self._host_header.numpy(), self._host_tables.numpy()
+        bs = self.block_size
+        for i, s in enumerate(batch.seqs):
+            seq, pos = s.seq, s.start
+            table = seq.block_table
+            assert len(table) <= self.width, "a block table is wider than max_model_len allows"
+            header[0, i] = seq.all_token_ids[pos]
+            header[1, i] = pos
+            header[2, i] = table[pos // bs] * bs + pos % bs
+            header[3, i] = pos + 1
+            # columns past len(table) keep stale ids: the kernel reads no position >= the context length
+            tables[i, :len(table)] = table
+        header[:2, n:batch_size] = 0
+        header[2, n:batch_size] = -1
+        header[3, n:batch_size] = 0
+        self.header.copy_(self._host_header, non_blocking=True)
+        self.block_tables[:batch_size].copy_(self._host_tables[:batch_size], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+
+
+@dataclass(frozen=True, slots=True)
+class GraphCaptureStats:
+    """What capture cost, reported at startup."""
+    batch_sizes: tuple[int, ...]
+    capture_seconds: float
+    memory_bytes: int          # device memory held by the graphs' pool and the static buffers
+
+
+class DecodeGraphs:
+    """Decode-only batches padded to a bucket and replayed from that bucket's graph (eager until captured).
+
+    Each graph covers the whole step from token ids to float32 logits, so a replay is one launch.
+    """
+
+    def __init__(self, model: torch.nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                 batch_sizes: Sequence[int], max_model_len: int, block_size: int, device: torch.device):
+        assert batch_sizes and list(batch_sizes) == sorted(set(batch_sizes)), batch_sizes
+        self.model = model
+        self.kv_caches = kv_caches
+        self.batch_sizes = tuple(batch_sizes)
+        self.buffers = DecodeBuffers(self.batch_sizes[-1], table_width(max_model_len, block_size),
+                                     block_size, device)
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._logits: torch.Tensor | None = None   # [max_batch, V] float32, written by every graph
+
+    def can_run(self, batch) -> bool:
+        return batch.is_decode_only and 0 < batch.num_seqs <= self.batch_sizes[-1]
+
+    def prepare(self, batch) -> PreparedBatch:
+        """Fill the static buffers; the returned batch points the runner at the bucket to replay."""
+        n = batch.num_seqs
+        size = bucket_for(n, self.batch_sizes)
+        self.buffers.fill(batch, size)
+        rows = self.buffers.header[:, :n]
+        return PreparedBatch(
+            input_ids=rows[0], positions=rows[1], meta=self.buffers.meta(size),
+            logits_indices=rows[0, :0], sample_rows=list(range(n)), prompt_logprob_spans=[],
+            prompt_logprob_indices=rows[0, :0], graph_batch_size=size)
+
+    def run(self, batch_size: int) -> torch.Tensor:
+        """Logits [batch_size, V] float32 for the rows in the buffers: a replay, or eagerly before capture."""
+        graph = self._graphs.get(batch_size)
+        if graph is None:
+            return self._forward(batch_size)
+        graph.replay()
+        return self._logits[:batch_size]
+
+    def _forward(self, batch_size: int) -> torch.Tensor:
+        b = self.buffers
+        hidden = self.model(b.header[0, :batch_size], b.header[1, :batch_size], self.kv_caches,
+                            b.meta(batch_size))
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture(self) -> GraphCaptureStats:
+        """Capture every bucket, largest first, into one memory pool (smaller graphs reuse its blocks)."""
+        device = self.buffers.device
+        torch.cuda.synchronize(device)
+        free_before = torch.cuda.mem_get_info(device)[0]
+        start = time.monotonic()
+        # NOTE: one output buffer outside the pool: each graph's own logits would stay allocated, and
+        # 36 buckets x [B, V] float32 is gigabytes for a 128k vocabulary
+        self._logits = torch.empty_like(self._forward(self.batch_sizes[-1]))
+        pool = None
+        for size in reversed(self.batch_sizes):
+            self._forward(size)   # warm-up outside capture: kernel compiles, cuBLAS handles and workspaces
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._logits[:size].copy_(self._forward(size))
+            if pool is None:
+                pool = graph.pool()
+            self._graphs[size] = graph
+        torch.cuda.synchronize(device)
+        seconds = time.monotonic() - start
+        torch.cuda.empty_cache()   # warm-up leftovers are not the graphs' memory
+        used = max(0, free_before - torch.cuda.mem_get_info(device)[0]) + self.buffers.nbytes
+        return GraphCaptureStats(self.batch_sizes, seconds, used)
+
+
+@dataclass(frozen=True, slots=True)
+class GpuStartup:
+    """The GPU-only startup phases, for EngineInfo and the startup log."""
+    autotune_seconds: float
+    num_configs_tuned: int      # timed this start (0 with a warm cache)
+    num_configs_loaded: int     # found in the cache file
+    graphs: GraphCaptureStats | None
+
+
+def prepare_gpu(runner, config, max_model_len: int,
+                on_phase: Callable[[str], None] = lambda phase: None) -> GpuStartup | None:
+    """Kernel warm-up (autotune) and then decode graph capture; attaches the graphs to the runner.
+
+    config is the EngineConfig. Returns None when the Triton ops are unavailable (torch twins on CUDA
+    sync with the host, so they cannot be captured).
+    """
+    from kernels import get_ops
+    ops = get_ops("cuda")
+    if not hasattr(ops, "warmup"):
+        log.warning("Triton kernels unavailable: running the torch twins on CUDA, no autotune, no graphs")
+        return None
+    mc = runner.config
+    sizes = graph_batch_sizes(config.max_num_seqs, config.cuda_graph_max_batch, config.cuda_graph_sizes)
+    dtype = runner.kv_caches[0][0].dtype
+    shapes = ops.ModelShapes(
+        hidden_size=mc.hidden_size, intermediate_size=mc.intermediate_size, num_heads=mc.num_attention_heads,
+        num_kv_heads=mc.num_key_value_heads, head_dim=mc.head_dim, block_size=runner.block_size,
+        max_model_len=max_model_len,
+        # the tuning buckets cover every decode batch, graphs or not
+        decode_batch_sizes=sizes or graph_batch_sizes(config.max_num_seqs),
+        prefill_query_lens=(max(config.max_num_batched_tokens, runner.block_size),), dtype=dtype)
+    on_phase("tuning kernels" if config.autotune else "loading kernel configs")
+    start = time.monotonic()
+    tuner = ops.warmup(shapes, runner.device, cache_dir=config.autotune_cache_dir,
+                       skip_tuning=not config.autotune,
+                       progress=lambda done, total, label: on_phase(f"tuning kernels {done}/{total}"))
+    autotune_seconds = time.monotonic() - start
+    torch.cuda.empty_cache()   # tuning scratch goes back before the graphs' pool is sized
+    log.info("kernel configs: %d from cache, %d tuned in %.1fs", tuner.num_loaded, tuner.num_tuned,
+             autotune_seconds)
+    stats = None
+    if config.cuda_graphs and sizes:
+        on_phase("capturing CUDA graphs")
+        graphs = DecodeGraphs(runner.model, runner.kv_caches, sizes, max_model_len, runner.block_size,
+                              runner.device)
+        stats = graphs.capture()
+        runner.graphs = graphs
+        log.info("captured %d decode graphs (batch %d..%d) in %.2fs holding %.0f MiB", len(sizes), sizes[0],
+                 sizes[-1], stats.capture_seconds, stats.memory_bytes / 2**20)
+    return GpuStartup(autotune_seconds, tuner.num_tuned, tuner.num_loaded, stats)
