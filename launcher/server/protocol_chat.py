@@ -52,8 +52,18 @@ def parse_chat_request(body: dict, vocab_size: int) -> ChatRequest:
         raise bad_request("'best_of' > n cannot be streamed", "best_of")
     tools = _tools(f.list("tools"))
     tool_choice = _tool_choice(f.raw("tool_choice"), tools)
+    parallel_tool_calls = bool(f.bool("parallel_tool_calls", True))
     response_format, structured = f.dict("response_format"), f.dict("structured_outputs")
     constraint = read_constraint(f)
+    # Imported here: tool_parsers reads ChatRequest (through chat_parsing), which this module defines.
+    from launcher.server.tool_parsers import tool_choice_constraint, validate_tools
+    validate_tools(tools)
+    tool_constraint = tool_choice_constraint(tools, tool_choice, parallel_tool_calls)
+    if tool_constraint is not None:
+        if constraint is not None:
+            raise bad_request("'tool_choice' 'required' or a named function cannot be combined with "
+                              "response_format or structured outputs", "tool_choice")
+        constraint = tool_constraint
     sampling = dataclasses.replace(sampling, structured=constraint)
     add_generation_prompt = bool(f.bool("add_generation_prompt", True))
     continue_final = bool(f.bool("continue_final_message", False))
@@ -66,7 +76,7 @@ def parse_chat_request(body: dict, vocab_size: int) -> ChatRequest:
     return ChatRequest(
         model=model, messages=messages, sampling=sampling, stream=stream, include_usage=include_usage,
         continuous_usage_stats=continuous, tools=tools, tool_choice=tool_choice,
-        parallel_tool_calls=bool(f.bool("parallel_tool_calls", True)), response_format=response_format,
+        parallel_tool_calls=parallel_tool_calls, response_format=response_format,
         structured_outputs=structured, constraint=constraint,
         add_generation_prompt=add_generation_prompt and not continue_final,
         continue_final_message=continue_final, chat_template_kwargs=f.dict("chat_template_kwargs") or {},
