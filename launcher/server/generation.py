@@ -16,7 +16,7 @@ from launcher.server.errors import APIError
 @dataclass(frozen=True, slots=True)
 class TokenLogprob:
     token_id: int
-    logprob: float
+    logprob: float | None                  # None only for a prompt's first token (nothing predicts it)
     top: list[tuple[int, float]]           # the k most likely alternatives (may include token_id)
 
 
@@ -32,7 +32,9 @@ class Delta:
 class SampleText:
     """One sample's text as it streams: the detokenizer feeds the stop-string matcher."""
 
-    def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams):
+    def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams, score_only: bool = False):
+        # score_only: an echo request with max_tokens 0; the engine must sample one token, which is dropped.
+        self._score_only = score_only
         self._detok = IncrementalDetokenizer(tokenizer, prompt_token_ids, params.skip_special_tokens)
         self._stops = StopStringMatcher(params.stop, params.include_stop_str_in_output)
         self._include_stop = params.include_stop_str_in_output
@@ -54,6 +56,9 @@ class SampleText:
         if out.finish_reason == "abort":
             raise APIError(503, "the request was aborted (the server is shutting down)",
                            "service_unavailable_error", code="aborted")
+        if self._score_only:
+            self.finish_reason = "length"
+            return Delta(finish_reason="length")
         ids = list(out.new_token_ids)
         self.token_ids.extend(ids)
         delta = Delta(num_new_tokens=len(ids), logprobs=_logprobs(out))
@@ -82,6 +87,13 @@ def _logprobs(out: TokenOutput) -> list[TokenLogprob]:
         return []
     tops = out.new_top_logprobs or [[] for _ in out.new_token_ids]
     return [TokenLogprob(t, lp, list(top)) for t, lp, top in zip(out.new_token_ids, out.new_logprobs, tops)]
+
+
+def prompt_logprobs(prompt_token_ids: list[int], raw: list) -> list[TokenLogprob]:
+    """The engine's prompt logprobs ([None, (logprob, top) ...], one per prompt token) as TokenLogprobs."""
+    assert len(raw) == len(prompt_token_ids), (len(raw), len(prompt_token_ids))
+    return [TokenLogprob(t, None, []) if item is None else TokenLogprob(t, item[0], [tuple(x) for x in item[1]])
+            for t, item in zip(prompt_token_ids, raw)]
 
 
 async def merge_streams(streams: list[AsyncIterator[TokenOutput]]) -> AsyncIterator[tuple[int, TokenOutput]]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.sampling_params import SamplingParams, SamplingParamsError, StructuredOutputs
-from launcher.server.errors import APIError, bad_request
+from launcher.server.errors import bad_request
 from launcher.server.fields import Fields
 from launcher.server.structured import read_constraint
 
@@ -47,6 +47,7 @@ class SamplingFields:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     logprobs: int | None = None            # number of alternatives; 0: only the chosen token's logprob
+    prompt_logprobs: int | None = None     # the same for each prompt token (completions' echo + logprobs)
     structured: StructuredOutputs | None = None   # constrained decoding (response_format & co.)
 
     def to_sampling_params(self, defaults: dict[str, Any], max_tokens: int | None) -> SamplingParams:
@@ -65,16 +66,17 @@ class SamplingFields:
                 ignore_eos=self.ignore_eos, include_stop_str_in_output=self.include_stop_str_in_output,
                 skip_special_tokens=self.skip_special_tokens,
                 spaces_between_special_tokens=self.spaces_between_special_tokens, logprobs=self.logprobs,
-                structured_outputs=self.structured, **kwargs)
+                prompt_logprobs=self.prompt_logprobs, structured_outputs=self.structured, **kwargs)
         except SamplingParamsError as e:
             raise bad_request(str(e), e.param) from None
 
 
-def read_sampling(f: Fields, vocab_size: int, logprobs: int | None) -> SamplingFields:
-    """The sampling fields OpenAI and vLLM's extra body share between completions and chat."""
-    max_tokens = f.int("max_completion_tokens", lo=1) if f.has("max_completion_tokens") else None
+def read_sampling(f: Fields, vocab_size: int, logprobs: int | None, min_max_tokens: int = 1) -> SamplingFields:
+    """The sampling fields OpenAI and vLLM's extra body share between completions and chat
+    (`min_max_tokens` 0 lets an echo request score its prompt without generating)."""
+    max_tokens = f.int("max_completion_tokens", lo=min_max_tokens) if f.has("max_completion_tokens") else None
     if max_tokens is None:
-        max_tokens = f.int("max_tokens", lo=1)
+        max_tokens = f.int("max_tokens", lo=min_max_tokens)
     else:
         f.read.add("max_tokens")
     n = f.int("n", 1, lo=1, hi=MAX_N)
@@ -165,12 +167,16 @@ def parse_completion_request(body: dict, vocab_size: int) -> CompletionRequest:
     stream = bool(f.bool("stream", False))
     include_usage, continuous = read_stream_options(f, stream)
     echo = bool(f.bool("echo", False))
-    if echo and logprobs is not None:
-        raise APIError(400, "'echo' together with 'logprobs' (prompt logprobs) is not supported yet", param="echo",
-                       code="not_supported")
-    sampling = read_sampling(f, vocab_size, logprobs)
+    sampling = read_sampling(f, vocab_size, logprobs, min_max_tokens=0 if echo else 1)
     if stream and sampling.best_of is not None and sampling.best_of > sampling.n:
         raise bad_request("'best_of' > n cannot be streamed", "best_of")
+    if echo and logprobs is not None:
+        # NOTE: the engine sends prompt logprobs with a request's first output; best_of > n holds outputs back
+        # and sends only the chosen samples, without them.
+        if sampling.best_of is not None and sampling.best_of > sampling.n:
+            raise bad_request("'echo' with 'logprobs' (prompt logprobs) cannot be combined with best_of > n",
+                              "best_of")
+        sampling = dataclasses.replace(sampling, prompt_logprobs=logprobs)
     sampling = dataclasses.replace(sampling, structured=read_constraint(f))
     f.str("user")
     return CompletionRequest(model=model, prompts=prompts, sampling=sampling, stream=stream,
