@@ -46,6 +46,9 @@ def serve(profile: Profile) -> int:
     try:
         path = resolve_model(profile.model.source, revision=profile.model.revision, offline=profile.model.offline)
         spec = build_launch(profile, str(path))
+        if profile.model.tokenizer:
+            tokenizer = resolve_model(profile.model.tokenizer, offline=profile.model.offline)
+            spec = LaunchSpec(_replace(spec.settings, tokenizer=str(tokenizer)), spec.engine)
     except (ProfileError, WeightsError, OSError, ValueError) as e:
         print(f"llm serve: {e}", file=sys.stderr)
         return 1

@@ -21,6 +21,7 @@ class ServerSettings:
     max_queued_requests: int = 1024             # in-flight requests beyond this get 503
     request_timeout_s: float = 600.0
     chat_template: str | None = None            # a Jinja file overriding the model's template
+    tokenizer: str | None = None                # a tokenizer directory or .gguf overriding the model's
     chat_template_content_format: str = "auto"  # auto | string | openai
     default_sampling: dict[str, Any] = field(default_factory=dict)   # profile [defaults] overrides
     use_generation_config: bool = True          # take the model's generation_config.json defaults

@@ -64,8 +64,7 @@ class ServerState:
     async def start(self) -> None:
         """Start the engine, then load the tokenizer and chat template (the engine owns the weights)."""
         await self.engine.start(on_phase=lambda phase: log.info("startup: %s", phase))
-        files = ModelFiles.at(self.engine_config.model)
-        tokenizer = load_tokenizer(files)
+        tokenizer = load_server_tokenizer(self.settings.tokenizer or self.engine_config.model)
         template = tokenizer.chat_template
         if self.settings.chat_template:
             template = Path(self.settings.chat_template).read_text(encoding="utf-8")
@@ -137,6 +136,15 @@ class ServerState:
     def generate(self, request_id: str, prompt_token_ids: list[int],
                  params: SamplingParams) -> AsyncIterator[TokenOutput]:
         return self.engine.generate(request_id, prompt_token_ids, params)
+
+
+def load_server_tokenizer(path: str):
+    """The model's tokenizer, or a profile's override: a tokenizer directory (tokenizer.json) or a .gguf."""
+    from engine.tokenizer import Tokenizer
+    p = Path(path)
+    if p.is_dir() and not (p / "config.json").exists() and (p / "tokenizer.json").exists():
+        return Tokenizer.from_dir(p)
+    return load_tokenizer(ModelFiles.at(p))
 
 
 def _too_long(limit: int, num_prompt: int, max_tokens: int | None, param: str) -> APIError:
