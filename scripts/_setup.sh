@@ -18,11 +18,12 @@ WANT="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)-$(has_cuda_gpu &
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     echo "Installing the project into $VENV (once) ..."
     if has_cuda_gpu; then
-        "$VENV/bin/pip" install -q --disable-pip-version-check torch
+        TORCH_SPEC=torch
     else
-        # The CPU build; any other torch spec pulls a multi-GB CUDA build.
-        "$VENV/bin/pip" install -q --disable-pip-version-check "torch==2.13.0"
+        TORCH_SPEC="torch==2.13.0"  # the CPU build; any other torch spec pulls a multi-GB CUDA build
     fi
+    "$VENV/bin/pip" install -q --disable-pip-version-check "$TORCH_SPEC" 2>&1 \
+        | grep -v "is ignored: it is neither a file nor a directory" || true
     "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[dev]" 2>&1 \
         | grep -v "is ignored: it is neither a file nor a directory" || true
     "$VENV/bin/python" -c "import torch, engine, launcher" >/dev/null
