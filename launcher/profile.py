@@ -50,7 +50,7 @@ class ModelSection:
     chat_template: str | None = _key(None, "Jinja chat template file overriding the model's", "path")
     tokenizer: str | None = _key(None, "tokenizer repo id or directory, if not the model's own", "source")
     offline: bool = _key(False, "never contact a model hub; a missing model is an error. Default: true "
-                         "when LLM_OFFLINE=1 is set (the packaged build sets it)", "bool")
+                         "when LLM_OFFLINE=1 is set", "bool")
 
     @property
     def names(self) -> tuple[str, ...]:
