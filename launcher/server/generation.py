@@ -96,19 +96,48 @@ def prompt_logprobs(prompt_token_ids: list[int], raw: list) -> list[TokenLogprob
             for t, item in zip(prompt_token_ids, raw)]
 
 
-async def merge_streams(streams: list[AsyncIterator[TokenOutput]]) -> AsyncIterator[tuple[int, TokenOutput]]:
-    """(stream index, output) from several engine requests as they come; leaving early aborts them all."""
+async def merge_streams(streams: list[AsyncIterator[TokenOutput]],
+                        timeout_s: float | None = None) -> AsyncIterator[tuple[int, TokenOutput]]:
+    """(stream index, output) from several engine requests as they come; leaving early aborts them all.
+
+    Past `timeout_s` the requests are aborted (their KV blocks freed) and a 408 is raised.
+    """
+    merged = _single(streams[0]) if len(streams) == 1 else _merge(streams)
     try:
-        if len(streams) == 1:  # the common case: no tasks, the caller's cancellation reaches the stream directly
-            async with contextlib.aclosing(streams[0]) as only:
-                async for out in only:
-                    yield 0, out
-        else:
-            async for item in _merge(streams):
+        async with contextlib.aclosing(_deadline(merged, timeout_s)) as items:
+            async for item in items:
                 yield item
     except EngineDeadError as e:
         raise APIError(503, f"the engine is not available: {e}", "service_unavailable_error",
                        code="engine_dead") from None
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request ran longer than the server's limit of {timeout_s:g} s and was "
+                       "stopped", "timeout_error", code="request_timeout") from None
+
+
+async def _single(stream: AsyncIterator[TokenOutput]) -> AsyncIterator[tuple[int, TokenOutput]]:
+    # The common case: no tasks, the caller's cancellation reaches the stream directly.
+    async with contextlib.aclosing(stream) as only:
+        async for out in only:
+            yield 0, out
+
+
+async def _deadline(items: AsyncIterator, timeout_s: float | None) -> AsyncIterator:
+    """Pass items through until timeout_s has passed since the first wait; then TimeoutError."""
+    async with contextlib.aclosing(items):
+        if timeout_s is None:
+            async for item in items:
+                yield item
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            try:
+                # NOTE: on timeout wait_for cancels the pending __anext__, which aborts the engine request.
+                item = await asyncio.wait_for(anext(items), max(0.0, deadline - loop.time()))
+            except StopAsyncIteration:
+                return
+            yield item
 
 
 async def _merge(streams: list[AsyncIterator[TokenOutput]]) -> AsyncIterator[tuple[int, TokenOutput]]:

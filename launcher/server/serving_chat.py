@@ -91,7 +91,8 @@ class _Call:
         self.num_cached = 0
 
     def outputs(self, state: ServerState):
-        return merge_streams([state.generate(self.request_id, self.prompt_ids, self.params)])
+        return merge_streams([state.generate(self.request_id, self.prompt_ids, self.params)],
+                             state.settings.request_timeout_s)
 
     def finish_reason(self, i: int) -> str | None:
         reason = self.samples[i].finish_reason

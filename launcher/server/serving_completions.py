@@ -99,7 +99,7 @@ async def create_completion(state: ServerState, request: Request, body: dict) ->
 async def _complete(state: ServerState, p: _Prepared) -> dict:
     logprobs: dict[int, list[TokenLogprob]] = {i: [] for i in range(len(p.samples))}
     num_cached = 0
-    async for prompt_i, out in merge_streams(p.streams(state)):
+    async for prompt_i, out in merge_streams(p.streams(state), state.settings.request_timeout_s):
         p.note(prompt_i, out)
         index = p.choice_index(prompt_i, out.index)
         delta = p.samples[index].push(out)
@@ -134,7 +134,7 @@ async def _stream(state: ServerState, p: _Prepared) -> AsyncIterator[dict]:
         return {"id": p.request_id, "object": "text_completion", "created": p.created, "model": req.model,
                 "choices": choices, "usage": None, "system_fingerprint": None}
 
-    async for prompt_i, out in merge_streams(p.streams(state)):
+    async for prompt_i, out in merge_streams(p.streams(state), state.settings.request_timeout_s):
         p.note(prompt_i, out)
         index = p.choice_index(prompt_i, out.index)
         sample = p.samples[index]

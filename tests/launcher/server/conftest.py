@@ -83,7 +83,8 @@ def _read_lines(stream, sink: list[str]) -> None:
         sink.append(line.rstrip("\n"))
 
 
-def start_server(profile_body: str, tmp: Path, api_key: str = API_KEY, model_path: str = "") -> Server:
+def start_server(profile_body: str, tmp: Path, api_key: str = API_KEY, model_path: str = "",
+                 server_extra: str = "") -> Server:
     """Start `llm serve` (the supervisor) on a free port with a profile; wait until it is ready."""
     port = _free_port()
     profile = tmp / "test.toml"
@@ -94,6 +95,7 @@ port = {port}
 api_keys = ["{api_key}"]
 cors_origins = ["{ALLOWED_ORIGIN}"]
 max_request_body_bytes = {MAX_BODY}
+{server_extra}
 """)
     log_path = tmp / "server.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
