@@ -1,4 +1,4 @@
-"""server.request_timeout_s: a request running past it is stopped with a 408 and its KV blocks freed."""
+"""Server limits: request_timeout_s (408, KV blocks freed) and max_queued_requests (503 queue_full)."""
 import json
 import re
 import time
@@ -22,7 +22,7 @@ max_model_len = 4096
 [engine]
 device = "cpu"
 kv_cache_gib = 0.25
-""", tmp_path_factory.mktemp("timeout"), model_path=default_gguf_path, server_extra="request_timeout_s = 1.5")
+""", tmp_path_factory.mktemp("timeout"), model_path=default_gguf_path, server_extra="request_timeout_s = 1.5\nmax_queued_requests = 2")
     try:
         yield srv
     finally:
@@ -60,3 +60,21 @@ def test_stream_ends_with_an_error_event_then_done(short_timeout_server):
     quick = httpx.post(srv.url + "/v1/completions", headers=srv.auth, timeout=60,
                        json={"model": PRIMARY, "prompt": "Hi", "max_tokens": 4})
     assert quick.status_code == 200
+
+
+def test_a_full_queue_answers_503_and_recovers(short_timeout_server):
+    import asyncio
+    srv = short_timeout_server
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*(client.post(srv.url + "/v1/completions", json=LONG, headers=srv.auth)
+                                          for _ in range(6)))
+
+    statuses = sorted(r.status_code for r in asyncio.run(burst()))
+    assert statuses.count(503) >= 1 and set(statuses) <= {408, 503}, statuses
+    refused = next(r for r in asyncio.run(burst()) if r.status_code == 503)
+    assert refused.json()["error"]["code"] == "queue_full" and "retry-after" in refused.headers
+    ok = httpx.post(srv.url + "/v1/completions", headers=srv.auth, timeout=60,
+                    json={"model": PRIMARY, "prompt": "Hi", "max_tokens": 4})
+    assert ok.status_code == 200
