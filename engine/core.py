@@ -6,7 +6,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -47,11 +46,11 @@ class EngineCore:
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        self.device = _pick_device(config.device)
+        self.device = pick_device(config.device)
         on_phase("loading weights")
         files = self._files = ModelFiles.at(config.model)
         self.model_config = model_config = load_config(files)
-        self.dtype = _pick_dtype(config.dtype, self.device)
+        self.dtype = pick_dtype(config.dtype, self.device)
         max_model_len = _initial_max_model_len(config, model_config)
         self.model = load_model(files, model_config, self.dtype, self.device, max_positions=max_model_len)
         on_phase("allocating KV cache")
@@ -324,7 +323,7 @@ def _activation_reserve(config: EngineConfig) -> int:
     return 512 * 2**20 + config.max_num_batched_tokens * 64 * 2**10
 
 
-def _pick_device(name: str) -> torch.device:
+def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -334,7 +333,7 @@ def _pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -49,9 +49,9 @@ class EmbeddingCore:
         start = time.monotonic()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        from engine.core import _pick_device, _pick_dtype
-        device = _pick_device(config.device)
-        dtype = _pick_dtype(config.dtype, device)
+        from engine.core import pick_device, pick_dtype
+        device = pick_device(config.device)
+        dtype = pick_dtype(config.dtype, device)
         on_phase("loading weights")
         self.model = EmbeddingModel.from_path(config.model, device, dtype)
         self.requests: dict = {}

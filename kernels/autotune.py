@@ -146,7 +146,7 @@ class Autotuner:
         best, best_ms = None, float("inf")
         for config in job.candidates:
             try:
-                ms = self.timer(lambda: job.launch(config))
+                ms = self.timer(lambda config=config: job.launch(config))
             except Exception:   # a candidate that does not compile/fit (shared memory, registers) is skipped
                 continue
             if ms < best_ms:

@@ -13,6 +13,7 @@ import triton.language as tl
 
 from kernels import autotune
 from kernels.autotune import Config, TuneJob, TuneKey
+from kernels.kv_store import paged_attention_output
 
 MIN_SPLIT_TOKENS = 128   # below this a split's fixed cost outweighs the parallelism it adds
 CANDIDATES: tuple[Config, ...] = tuple(
@@ -145,13 +146,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     max_context_len is accepted for the twin's signature and ignored: the grid must not depend on it.
     """
     batch, num_heads, head_dim = q.shape
-    assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
-    assert num_heads % k_cache.shape[2] == 0 and k_cache.shape[3] == head_dim
-    out = torch.empty((batch, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    q, out = paged_attention_output(q, k_cache, v_cache)
     if batch == 0:
         return out
-    if q.stride(-1) != 1:
-        q = q.contiguous()
     max_len = block_tables.shape[1] * k_cache.shape[1]
     config = autotune.chosen(_key(head_dim, num_heads // k_cache.shape[2], batch, max_len, q.dtype),
                              CANDIDATES[0])

@@ -46,3 +46,15 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
                            k.stride(0), k.stride(1), v.stride(0), v.stride(1), num_kv_heads, head_dim,
                            BLOCK_HEADS=block_heads, BLOCK_D=block_d,
                            num_warps=max(1, min(8, block_heads * block_d // 512)))
+
+
+def paged_attention_output(q: torch.Tensor, k_cache: torch.Tensor,
+                           v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check the paged-attention inputs both attention kernels share; (q with unit last stride, empty out).
+
+    q: [T, num_heads, D]; caches: [num_blocks, block_size, num_kv_heads, D] with one layout.
+    """
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
+    assert q.shape[1] % k_cache.shape[2] == 0 and k_cache.shape[3] == q.shape[2]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    return (q if q.stride(-1) == 1 else q.contiguous()), out

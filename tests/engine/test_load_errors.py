@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from engine.loader import LoadError, ModelFiles, iter_weights, load_config, load_model, safetensors_files
+from engine.loader import LoadError, ModelFiles, load_config, load_model, safetensors_files
 from tests.engine.helpers import tiny_hf_model
 
 

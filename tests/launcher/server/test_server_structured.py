@@ -3,7 +3,6 @@ import json
 import re
 
 import httpx
-import openai
 import pytest
 
 from tests.launcher.server.conftest import PRIMARY
