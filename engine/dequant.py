@@ -6,6 +6,8 @@ from typing import Callable
 import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
+from kernels.cpu_quant import QuantizedTensor
+
 
 class UnsupportedQuantization(ValueError):
     """The GGML type has no dequantizer here; the message names the type."""
@@ -164,3 +166,41 @@ def dequantize(raw: torch.Tensor, qtype: int, shape: tuple[int, ...], dtype: tor
         return out.reshape(shape) if out.dtype == dtype else out.float().to(dtype).reshape(shape)
     out = _BLOCK_DEQUANT[qtype](flat.reshape(-1, type_size))
     return out.to(dtype).reshape(shape)
+
+
+# -- integer form, for the quantized CPU kernel (kernels/cpu_quant.c) --------------------------------
+# Each returns (q [n_blocks, elements], scale and zero [n_blocks, elements / 32]) with
+# dequantized == scale * q + zero per 32 elements, the same values the float path computes.
+
+def _split_q4_0(b: torch.Tensor):
+    d = _f16(b, 0)
+    return _nibbles(b[:, 2:], 16), d, d * -8.0
+
+
+def _split_q4_1(b: torch.Tensor):
+    return _nibbles(b[:, 4:], 16), _f16(b, 0), _f16(b, 2)
+
+
+def _split_q4_k(b: torch.Tensor):
+    sc, mn = _k_scale_min(b[:, 4:16])
+    return _nibbles(b[:, 16:], 32), _f16(b, 0) * sc, -(_f16(b, 2) * mn)
+
+
+def _split_q8_0(b: torch.Tensor):
+    return b[:, 2:].contiguous().view(torch.int8), _f16(b, 0), None
+
+
+_BLOCK_SPLIT = {QT.Q4_0: (_split_q4_0, 4), QT.Q4_1: (_split_q4_1, 4), QT.Q4_K: (_split_q4_k, 4),
+                QT.Q8_0: (_split_q8_0, 8)}
+
+
+def split_quantized(raw: torch.Tensor, qtype: int, shape: tuple[int, ...]) -> QuantizedTensor | None:
+    """A 2-D tensor's bytes as integers and per-32-element scales; None for types the kernel lacks."""
+    if int(qtype) not in _BLOCK_SPLIT or len(shape) != 2:
+        return None
+    split, bits = _BLOCK_SPLIT[QT(qtype)]
+    block_size, type_size = GGML_QUANT_SIZES[QT(qtype)]
+    n, k = (int(s) for s in shape)
+    q, scale, zero = split(raw.reshape(-1, type_size))
+    scale = scale.reshape(n, k // 32)
+    return QuantizedTensor(q.reshape(n, k), scale, None if zero is None else zero.reshape(n, k // 32), bits)

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
-from engine.dequant import SUPPORTED_QTYPES, dequantize, type_name
+from engine.dequant import SUPPORTED_QTYPES, dequantize, split_quantized, type_name
+from kernels.cpu_quant import QuantizedTensor
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -160,16 +161,34 @@ class GGUFFile:
 
     def iter_tensors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
         """(Hugging Face name, tensor in `dtype` with HF's shape), in file order, one tensor at a time."""
+        for info, hf_name, heads in self._hf_tensors():
+            tensor = self._decode(info, dtype)
+            yield hf_name, tensor if heads is None else _unpermute_rotary(tensor, heads)
+
+    def iter_quantized(self) -> Iterator[tuple[str, QuantizedTensor]]:
+        """(Hugging Face name, integer form) of each 2-D tensor whose type the CPU kernel reads
+        (kernels/cpu_quant.py), rows in HF's order; other tensors are skipped."""
+        for info, hf_name, heads in self._hf_tensors():
+            raw = torch.from_numpy(self._data[info.offset:info.offset + info.num_bytes])
+            w = split_quantized(raw, info.qtype, info.shape)
+            if w is None:
+                continue
+            if heads is not None:  # row order is all the un-permute changes; the groups run along rows
+                w = QuantizedTensor(*(t if t is None else _unpermute_rotary(t, heads)
+                                      for t in (w.q, w.scale, w.zero)), w.bits)
+            yield hf_name, w
+
+    def _hf_tensors(self) -> Iterator[tuple[GGUFTensorInfo, str, int | None]]:
+        """(info, HF name, head count whose rotary rows to un-permute or None) per mapped tensor."""
         config = self.hf_config() if self.architecture == "llama" else None
         for info in self.tensor_infos:
             hf_name = hf_tensor_name(info.name)
             if hf_name is None:
                 continue
-            tensor = self._decode(info, dtype)
+            heads = None
             if config is not None and info.name.split(".")[-2] in ("attn_q", "attn_k"):
                 heads = config["num_attention_heads" if ".attn_q." in info.name else "num_key_value_heads"]
-                tensor = _unpermute_rotary(tensor, heads)
-            yield hf_name, tensor
+            yield info, hf_name, heads
 
 
 def _unpermute_rotary(w: torch.Tensor, num_heads: int) -> torch.Tensor:

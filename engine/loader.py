@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -11,6 +12,8 @@ from pathlib import Path
 import torch
 
 from engine.config import ConfigError, ModelConfig
+
+log = logging.getLogger("llm.engine")
 
 
 class LoadError(Exception):
@@ -127,8 +130,12 @@ def check_safetensors(path: Path) -> None:
 
 
 def load_model(files: ModelFiles, config: ModelConfig, dtype: torch.dtype, device: torch.device,
-               max_positions: int) -> torch.nn.Module:
-    """Build the model on `device` in `dtype` and fill it from the checkpoint."""
+               max_positions: int, quantized_matmul: bool = False) -> torch.nn.Module:
+    """Build the model on `device` in `dtype` and fill it from the checkpoint.
+
+    quantized_matmul: on the CPU in float32, also pack the GGUF file's 4/8-bit projection weights for
+    kernels/cpu_quant.c (small batches read those instead of the float32 copies).
+    """
     from engine.models import model_class
     from engine.models.layers import rope_cos_sin_cache
     from kernels import get_ops
@@ -145,7 +152,23 @@ def load_model(files: ModelFiles, config: ModelConfig, dtype: torch.dtype, devic
         raise LoadError(str(e)) from None
     if device.type == "cpu":
         _column_major_projections(model)
+        if quantized_matmul and files.format == "gguf" and dtype == torch.float32:
+            _pack_quantized(model, files)
     return model.eval()
+
+
+def _pack_quantized(model: torch.nn.Module, files: ModelFiles) -> None:
+    from kernels import cpu_quant
+    if cpu_quant.load_library() is None:
+        log.warning("quantized CPU kernel unavailable (%s); using float32 weights", cpu_quant.load_error)
+        return
+    from engine.gguf import GGUFError
+    try:
+        num_bytes = model.load_quantized(gguf_file(files).iter_quantized())
+    except (GGUFError, ValueError) as e:
+        raise LoadError(str(e)) from None
+    if num_bytes:
+        log.info("quantized CPU kernel: %.0f MB of packed weights", num_bytes / 2**20)
 
 
 def _column_major_projections(model: torch.nn.Module) -> None:

@@ -9,7 +9,8 @@ from torch import nn
 
 from engine.attention import AttentionMetadata
 from engine.config import ModelConfig
-from engine.models.layers import DecoderLayer, RMSNorm, rope_cos_sin_cache
+from engine.models.layers import QUANT_MAX_ROWS, DecoderLayer, RMSNorm, rope_cos_sin_cache
+from kernels.cpu_quant import QuantizedTensor, cat_rows, pack, quant_matmul
 
 # Checkpoint projection name -> (our fused parameter, shard index). Fusing at load time turns three
 # (or two) matmuls per layer into one.
@@ -42,8 +43,41 @@ class LlamaForCausalLM(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.matmul(hidden, weight.t()).float()
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        packed = getattr(head, "packed", None)
+        if packed is not None and hidden.shape[0] <= QUANT_MAX_ROWS:
+            return quant_matmul(hidden, packed)
+        return torch.matmul(hidden, head.weight.t()).float()
+
+    def load_quantized(self, weights: Iterable[tuple[str, QuantizedTensor]]) -> int:
+        """Attach packed integer weights (`module.packed`) beside the float ones, for the quantized
+        CPU kernel; a fused projection gets them only when every shard came. Returns bytes packed."""
+        modules = dict(self.named_modules())
+        shards: dict[str, dict[int, QuantizedTensor]] = {}
+        for name, w in weights:
+            name = name.removeprefix("model.")
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue
+            target, shard = name, 0
+            for ckpt_name, (fused, index) in FUSED_SHARDS.items():
+                if f".{ckpt_name}." in name:
+                    target, shard = name.replace(ckpt_name, fused), index
+                    break
+            if target.removesuffix(".weight") in modules:
+                shards.setdefault(target.removesuffix(".weight"), {})[shard] = w
+        num_bytes = 0
+        for module_name, parts in shards.items():
+            module = modules[module_name]
+            num_shards = 3 if module_name.endswith("qkv_proj") else 2 if module_name.endswith("gate_up_proj") else 1
+            if len(parts) != num_shards or len({p.bits for p in parts.values()}) != 1:
+                continue  # e.g. a Q6_K shard beside Q4_K ones: this projection stays float32
+            packed = pack(cat_rows([parts[i] for i in range(num_shards)]))
+            if (packed.out_features, packed.in_features) != tuple(module.weight.shape):
+                raise ValueError(f"quantized {module_name} has shape {(packed.out_features, packed.in_features)}, "
+                                 f"the config implies {tuple(module.weight.shape)}")
+            module.packed = packed
+            num_bytes += packed.num_bytes
+        return num_bytes
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
         """Copy checkpoint tensors (HF names) into our parameters, fusing q/k/v and gate/up."""

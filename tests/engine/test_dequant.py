@@ -5,7 +5,7 @@ import torch
 from gguf import quants
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
-from engine.dequant import SUPPORTED_QTYPES, UnsupportedQuantization, dequantize
+from engine.dequant import SUPPORTED_QTYPES, UnsupportedQuantization, dequantize, split_quantized
 
 # Byte offsets of the f16 scale fields inside one block: random bytes there could be inf/nan.
 F16_FIELDS = {
@@ -94,3 +94,27 @@ def test_wrong_byte_count_or_row_length() -> None:
         dequantize(torch.zeros(35, dtype=torch.uint8), QT.Q8_0, (32,), torch.float32)
     with pytest.raises(ValueError, match="block size"):
         dequantize(torch.zeros(34, dtype=torch.uint8), QT.Q8_0, (2, 16), torch.float32)
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q8_0], ids=lambda t: t.name)
+def test_split_quantized_is_the_same_weight(qtype: QT) -> None:
+    """The integer form the CPU kernel reads (scale * q + zero per 32 inputs) holds the dequantized values."""
+    shape = (7, 512)
+    raw = torch.from_numpy(random_blocks(qtype, shape, np.random.default_rng(int(qtype))))
+    w = split_quantized(raw, qtype, shape)
+    assert w is not None and w.q.shape == shape and w.scale.shape == (7, 16)
+    assert w.bits == (8 if qtype == QT.Q8_0 else 4)
+    assert w.q.dtype == (torch.int8 if w.bits == 8 else torch.uint8)
+    if w.bits == 4:
+        assert int(w.q.max()) <= 15
+    expected = dequantize(raw, qtype, shape, torch.float32)
+    if qtype == QT.Q4_0:  # d * q - 8d instead of (q - 8) * d: equal up to rounding
+        torch.testing.assert_close(w.dequantize(), expected, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(w.dequantize(), expected)
+
+
+def test_split_quantized_skips_other_types() -> None:
+    raw = torch.from_numpy(random_blocks(QT.Q6_K, (2, 256), np.random.default_rng(0)))
+    assert split_quantized(raw, QT.Q6_K, (2, 256)) is None
+    assert split_quantized(torch.zeros(64 * 4, dtype=torch.uint8), QT.F32, (64,)) is None

@@ -21,7 +21,8 @@ MATRIX_QTYPES = [QT.Q8_0, QT.F16, QT.Q4_1, QT.BF16, QT.Q5_0, QT.F32, QT.Q4_0, QT
 
 def write_tiny(path: Path, arch: str, *, bias: bool = False, qk_norm: bool = False, tied: bool = True,
                layers: int = 2, hidden: int = 256, heads: int = 2, kv_heads: int = 1, head_dim: int = 128,
-               ffn: int = 320, vocab: int = 96, extra_kv=None, extra_tensors=()) -> Path:
+               ffn: int = 320, vocab: int = 96, extra_kv=None, extra_tensors=(),
+               matrix_qtypes: list[QT] = MATRIX_QTYPES) -> Path:
     """A small random model written by gguf-py's GGUFWriter, laid out as llama.cpp lays out `arch`."""
     rng = np.random.default_rng(len(arch) + 10 * bias + 100 * qk_norm)
     writer = gguf.GGUFWriter(str(path), arch=arch)
@@ -43,7 +44,7 @@ def write_tiny(path: Path, arch: str, *, bias: bool = False, qk_norm: bool = Fal
     counter = iter(range(10_000))
 
     def add(name: str, shape: tuple[int, ...], qtype: QT | None = None) -> None:
-        qtype = qtype or MATRIX_QTYPES[next(counter) % len(MATRIX_QTYPES)]
+        qtype = qtype or matrix_qtypes[next(counter) % len(matrix_qtypes)]
         data = quants.quantize(rng.standard_normal(shape).astype(np.float32), qtype)
         writer.add_tensor(name, data, raw_dtype=None if qtype in (QT.F32, QT.F16) else qtype)
 
