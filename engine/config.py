@@ -157,4 +157,4 @@ class EngineConfig:
     cuda_graph_max_batch: int | None = None  # largest captured batch (None: max_num_seqs); larger run eagerly
     autotune: bool = True                    # on CUDA: time kernel configs at startup (cached per GPU)
     autotune_cache_dir: str | None = None    # tuned-config cache (None: $LLM_HOME/autotune)
-    cpu_quantized_matmul: bool = True        # on CPU, GGUF 4/8-bit weights multiply packed (kernels/cpu_quant.c)
+    cpu_kernels: bool = True                 # on CPU: C kernels (kernels/cpu_kernels.c), GGUF 4/8-bit weights packed

@@ -53,7 +53,7 @@ class EngineCore:
         self.dtype = pick_dtype(config.dtype, self.device)
         max_model_len = _initial_max_model_len(config, model_config)
         self.model = load_model(files, model_config, self.dtype, self.device, max_positions=max_model_len,
-                                quantized_matmul=config.cpu_quantized_matmul)
+                                cpu_kernels=config.cpu_kernels)
         on_phase("allocating KV cache")
         num_blocks = self._num_kv_blocks(model_config)
         capacity = num_blocks * config.block_size

@@ -130,18 +130,19 @@ def check_safetensors(path: Path) -> None:
 
 
 def load_model(files: ModelFiles, config: ModelConfig, dtype: torch.dtype, device: torch.device,
-               max_positions: int, quantized_matmul: bool = False) -> torch.nn.Module:
+               max_positions: int, cpu_kernels: bool = False) -> torch.nn.Module:
     """Build the model on `device` in `dtype` and fill it from the checkpoint.
 
-    quantized_matmul: on the CPU in float32, also pack the GGUF file's 4/8-bit projection weights for
-    kernels/cpu_quant.c (small batches read those instead of the float32 copies).
+    cpu_kernels: on the CPU, run the C kernels (kernels/cpu_kernels.c) where built, and in float32 also
+    pack the GGUF file's 4/8-bit projection weights for them (small batches read those instead of the
+    float32 copies). False: the torch twins and float32 weights only.
     """
     from engine.models import model_class
     from engine.models.layers import rope_cos_sin_cache
     from kernels import get_ops
     cls = model_class(config.family)
     with torch.device("meta"):
-        model = cls(config, get_ops(device.type), max_positions)
+        model = cls(config, get_ops(device.type, cpu_kernels), max_positions)
     model = model.to_empty(device=device).to(dtype)
     # Buffers computed at construction (the rotary table) were lost on meta: compute them for real.
     model.cos_sin_cache = rope_cos_sin_cache(config.head_dim, config.rope_theta, config.rope_scaling,
@@ -152,15 +153,15 @@ def load_model(files: ModelFiles, config: ModelConfig, dtype: torch.dtype, devic
         raise LoadError(str(e)) from None
     if device.type == "cpu":
         _column_major_projections(model)
-        if quantized_matmul and files.format == "gguf" and dtype == torch.float32:
+        if cpu_kernels and files.format == "gguf" and dtype == torch.float32:
             _pack_quantized(model, files)
     return model.eval()
 
 
 def _pack_quantized(model: torch.nn.Module, files: ModelFiles) -> None:
-    from kernels import cpu_quant
-    if cpu_quant.load_library() is None:
-        log.warning("quantized CPU kernel unavailable (%s); using float32 weights", cpu_quant.load_error)
+    from kernels import cpu_build
+    if cpu_build.load_library() is None:
+        log.warning("CPU kernels unavailable (%s): torch ops and float32 weights", cpu_build.load_error)
         return
     from engine.gguf import GGUFError
     try:

@@ -1,29 +1,21 @@
-"""Quantized-weight matrix products on the CPU: pack GGUF 4/8-bit weights, build the C kernel, call it.
+"""Quantized-weight matrix products on the CPU: GGUF 4/8-bit weights packed for the C kernel, and its twin.
 
 Decode on the CPU is bound by reading the weights: float32 weights of the default model are ~540 MB a
-step, its Q4_1 weights ~80 MB. kernels/cpu_quant.c multiplies float32 activations by the packed
-weights directly (float32 sums), so a step reads the small weights. The C file is compiled once per
-(source, compiler, CPU) with the system C compiler into $LLM_HOME/kernels and loaded with ctypes;
-without a compiler the engine keeps float32 weights (see `load_library`). Twin: reference.quant_matmul.
+step, its Q4_1/Q8_0 weights ~110 MB packed. kernels/cpu_kernels.c multiplies float32 activations by the
+packed weights directly (float32 sums), so a step reads the small weights.
 """
 from __future__ import annotations
 
 import ctypes
-import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+
+from kernels.cpu_build import load_library
 
 TILE = 16     # outputs per packed tile (one 16-lane vector)
 GROUP = 32    # inputs per scale/zero group
-SOURCE = Path(__file__).with_name("cpu_quant.c")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +45,7 @@ def cat_rows(parts: list[QuantizedTensor]) -> QuantizedTensor:
 
 @dataclass(frozen=True, slots=True)
 class PackedWeight:
-    """A weight in the kernel's tiled layout (see the header of kernels/cpu_quant.c)."""
+    """A weight in the kernel's tiled layout (see the header of kernels/cpu_kernels.c)."""
     data: torch.Tensor            # q4: [tiles, G, 16, 16] uint8 (two inputs per byte); q8: [tiles, G, 32, 16] int8
     scale: torch.Tensor           # [tiles, G, 16] float32
     zero: torch.Tensor | None     # [tiles, G, 16] float32, q4 only
@@ -104,75 +96,6 @@ def unpack(w: PackedWeight) -> QuantizedTensor:
     return QuantizedTensor(q, scale, None, 8)
 
 
-# -- the compiled kernel ---------------------------------------------------------------------------
-
-def _cpu_signature() -> str:
-    """What -march=native depends on: the CPU model and its feature flags."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))][:2]
-        return "\n".join(lines)
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
-def build(cache_dir: Path, compiler: str | None = None, arch_flags: tuple[str, ...] = ("-march=native",)) -> Path:
-    """Compile cpu_quant.c into cache_dir (once per source, compiler, flags and CPU); returns the .so."""
-    cc = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        raise RuntimeError("no C compiler (cc/gcc) found")
-    flags = ["-O3", *arch_flags, "-fopenmp", "-shared", "-fPIC"]
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, *flags, _cpu_signature()]).encode()).hexdigest()[:16]
-    target = Path(cache_dir) / f"cpu_quant-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        result = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"{cc} failed on {SOURCE.name}: {result.stderr.strip()[:500]}")
-        os.replace(tmp, target)   # atomic: concurrent builders never load a half-written file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
-
-
-def _bind(path: Path) -> ctypes.CDLL:
-    # NOTE: torch must be loaded first: the kernel's OpenMP symbols then bind to torch's libgomp
-    # (same soname), so both share one thread pool and torch.set_num_threads governs the kernel too.
-    lib = ctypes.CDLL(str(path))
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.llm_q4_matmul.argtypes = [p, i64, i64, p, p, p, i64, p, p]
-    lib.llm_q4_matmul.restype = None
-    lib.llm_q8_matmul.argtypes = [p, i64, i64, p, p, i64, p]
-    lib.llm_q8_matmul.restype = None
-    return lib
-
-
-def default_cache_dir() -> Path:
-    from launcher.weights import llm_home   # lazy: kernels import nothing from the launcher at load time
-    return llm_home() / "kernels"
-
-
-@functools.cache
-def load_library() -> ctypes.CDLL | None:
-    """The compiled kernel, or None where it cannot be built (no compiler, not x86/ARM Linux ...)."""
-    if os.environ.get("LLM_CPU_QUANT", "1") == "0":
-        return None
-    try:
-        return _bind(build(default_cache_dir()))
-    except (OSError, RuntimeError) as e:
-        global load_error
-        load_error = str(e)
-        return None
-
-
-load_error: str | None = None   # why load_library returned None, for the startup log
-
-
 def quant_matmul(x: torch.Tensor, w: PackedWeight, lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """x [M, K] float32 @ W^T -> [M, N] float32, reading W packed. lib: a bound library (tests)."""
     lib = lib or load_library()
@@ -191,3 +114,8 @@ def quant_matmul(x: torch.Tensor, w: PackedWeight, lib: ctypes.CDLL | None = Non
         lib.llm_q8_matmul(x.data_ptr(), m, w.in_features, w.data.data_ptr(), w.scale.data_ptr(),
                           w.out_features, out.data_ptr())
     return out
+
+
+def quant_matmul_twin(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
+    """The torch twin of quant_matmul: the same product through the float32 dequantized weight."""
+    return F.linear(x.float(), unpack(w).dequantize())

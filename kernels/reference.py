@@ -162,8 +162,3 @@ def sample_top_k_top_p(logits: torch.Tensor, temperature: torch.Tensor, top_k: t
     race = (x - exponentials.log()).masked_fill(x < cut, float("-inf"))
     return torch.where(is_sampled, race.argmax(dim=-1), logits.argmax(dim=-1))
 
-
-def quant_matmul(x: torch.Tensor, w) -> torch.Tensor:
-    """x [M, K] @ W^T for a kernels.cpu_quant.PackedWeight W, through its float32 dequantization."""
-    from kernels.cpu_quant import unpack
-    return F.linear(x.float(), unpack(w).dequantize())

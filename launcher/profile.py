@@ -87,9 +87,10 @@ class KernelsSection:
     """[kernels]: Triton kernel tuning on the GPU, the quantized-weight kernel on the CPU."""
     autotune: bool = _key(True, "tune kernel configs for this GPU at startup (cached)", "bool")
     cache_dir: str | None = _key(None, "where tuned configs are kept; unset: $LLM_HOME/autotune", "path")
-    cpu_quantized_matmul: bool = _key(True, "on CPU, multiply GGUF Q4_0/Q4_1/Q4_K/Q8_0 weights in their "
-                                      "packed form for batches of up to 32 rows (a C kernel compiled "
-                                      "once with the system's cc); false: float32 weights only", "bool")
+    cpu_kernels: bool = _key(True, "on CPU, C kernels compiled once with the system's cc: GGUF "
+                             "Q4_0/Q4_1/Q4_K/Q8_0 weights multiplied in packed form (batches up to 32 "
+                             "rows), paged decode attention, RMSNorm; false: torch ops, float32 weights",
+                             "bool")
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +177,7 @@ def engine_kwargs(profile: Profile) -> dict[str, Any]:
               "enable_prefix_caching": e.enable_prefix_caching, "seed": e.seed,
               "cuda_graphs": e.cuda_graphs, "cuda_graph_sizes": e.cuda_graph_sizes,
               "autotune": profile.kernels.autotune, "autotune_cache_dir": profile.kernels.cache_dir,
-              "cpu_quantized_matmul": profile.kernels.cpu_quantized_matmul}
+              "cpu_kernels": profile.kernels.cpu_kernels}
     return {k: v for k, v in kwargs.items() if v is not None}
 
 

@@ -62,15 +62,15 @@ def hf_outputs(default_gguf_path, prompts):
     return outputs
 
 
-@pytest.mark.parametrize("quantized", [True, False], ids=["packed-q4-weights", "float32-weights"])
-def test_greedy_matches_transformers_token_for_token(default_gguf_path, prompts, hf_outputs, quantized):
-    """Both CPU weight paths: the GGUF's own 4/8-bit weights through kernels/cpu_quant.c (the default,
-    prefill chunks of more than QUANT_MAX_ROWS tokens still use float32), and float32 weights only."""
+@pytest.mark.parametrize("cpu_kernels", [True, False], ids=["c-kernels-packed-weights", "torch-float32-weights"])
+def test_greedy_matches_transformers_token_for_token(default_gguf_path, prompts, hf_outputs, cpu_kernels):
+    """Both CPU paths: the C kernels reading the GGUF's own 4/8-bit weights (the default; prefill chunks
+    of more than QUANT_MAX_ROWS tokens still use float32 sgemm), and torch ops on float32 weights."""
     assert len(prompts) >= 20
     core = EngineCore(EngineConfig(model=default_gguf_path, kv_cache_gib=0.5, max_model_len=2048,
-                                   cpu_quantized_matmul=quantized))
+                                   cpu_kernels=cpu_kernels))
     packed = [getattr(m, "packed", None) for m in (core.model.layers[0].mlp.gate_up_proj, core.model.embed_tokens)]
-    assert all(p is not None for p in packed) if quantized else packed == [None, None]
+    assert all(p is not None for p in packed) if cpu_kernels else packed == [None, None]
     ours = run_to_completion(core, prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS))
     mismatches = [i for i, ref in enumerate(hf_outputs) if ours[f"r{i}"] != ref]
     assert not mismatches, f"prompts {mismatches} differ from transformers"

@@ -7,17 +7,17 @@ import torch.nn.functional as F
 from gguf.constants import GGMLQuantizationType as QT
 
 from engine.loader import ModelFiles, load_config, load_model
-from kernels import cpu_quant
+from kernels import cpu_build, cpu_quant
 from tests.engine.test_gguf import write_tiny
 
-pytestmark = pytest.mark.skipif(cpu_quant.load_library() is None, reason="quantized CPU kernel not built here")
+pytestmark = pytest.mark.skipif(cpu_build.load_library() is None, reason="quantized CPU kernel not built here")
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 def load(path: Path, quantized: bool) -> torch.nn.Module:
     files = ModelFiles.at(str(path))
     return load_model(files, load_config(files), torch.float32, torch.device("cpu"), max_positions=64,
-                      quantized_matmul=quantized)
+                      cpu_kernels=quantized)
 
 
 @pytest.mark.parametrize("arch,qtypes", [("llama", [QT.Q4_0]), ("llama", [QT.Q4_1]), ("qwen2", [QT.Q8_0]),

@@ -1,0 +1,95 @@
+"""Build and load kernels/cpu_kernels.c: compiled once per (source, compiler, flags, CPU) with the system
+C compiler into $LLM_HOME/kernels, loaded with ctypes. Without a compiler the CPU path stays pure torch."""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+DISABLE_ENV = "LLM_CPU_KERNELS"   # "0": never build or load (pure torch twins on the CPU)
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU model and its feature flags."""
+    try:
+        lines = [ln for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith(("model name", "flags"))][:2]
+        return "\n".join(lines)
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def build(cache_dir: Path, compiler: str | None = None, arch_flags: tuple[str, ...] = ("-march=native",)) -> Path:
+    """Compile the kernels into cache_dir unless this exact build is there; returns the .so path.
+    Raises OSError (no compiler) or RuntimeError (it failed, with its message)."""
+    cc = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise RuntimeError("no C compiler (cc/gcc) found")
+    # NOTE: no implicit FMA contraction: scalar loops round like their torch twins (explicit vector
+    # FMAs are written as such).
+    flags = ["-O3", *arch_flags, "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, *flags, _cpu_signature()]).encode()).hexdigest()[:16]
+    target = Path(cache_dir) / f"cpu_kernels-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{cc} failed on {SOURCE.name}: {result.stderr.strip()[:500]}")
+        os.replace(tmp, target)   # atomic: concurrent builders never load a half-written file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def bind(path: Path) -> ctypes.CDLL:
+    """Load a built library and declare its functions' C signatures."""
+    import torch  # noqa: F401  NOTE: loaded first, so the kernels' OpenMP binds to torch's libgomp (same
+    # soname): one thread pool, sized by torch.set_num_threads, serves torch ops and these kernels alike.
+    lib = ctypes.CDLL(str(path))
+    p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    signatures = {
+        "llm_q4_matmul": [p, i64, i64, p, p, p, i64, p, p],
+        "llm_q8_matmul": [p, i64, i64, p, p, i64, p],
+        "llm_paged_decode_attention": [p, p, p, p, i64, p, i64, i64, i64, i64, i64, f32, p],
+        "llm_rms_norm": [p, p, p, f32, i64, i64, p, p],
+        "llm_rotary_embedding": [p, i64, p, i64, p, p, i64, i64, i64, i64, p, p],
+        "llm_silu_and_mul": [p, i64, i64, p],
+    }
+    for name, argtypes in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, None
+    return lib
+
+
+def default_cache_dir() -> Path:
+    from launcher.weights import llm_home   # lazy: kernels import nothing from the launcher at load time
+    return llm_home() / "kernels"
+
+
+load_error: str | None = None   # why load_library() returned None, for the startup log
+
+
+@functools.cache
+def load_library() -> ctypes.CDLL | None:
+    """The built kernels, or None where they cannot be built (no compiler, disabled by LLM_CPU_KERNELS=0)."""
+    global load_error
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        load_error = f"{DISABLE_ENV}=0"
+        return None
+    try:
+        return bind(build(default_cache_dir()))
+    except (OSError, RuntimeError) as e:
+        load_error = str(e)
+        return None

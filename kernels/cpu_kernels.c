@@ -1,0 +1,356 @@
+/* C kernels for the CPU path, each with a torch twin: built once per machine by kernels/cpu_build.py.
+ *
+ * 1. Matrix products straight from GGUF block-quantized weights (twin: cpu_quant.quant_matmul_twin).
+ *
+ * out[M, N] = x[M, K] @ W^T where row n of W, in groups of 32 inputs, is scale * q + zero (4-bit q in
+ * 0..15: Q4_0, Q4_1, Q4_K) or scale * q (signed 8-bit q: Q8_0). Activations and sums stay float32;
+ * only the weights are small, so a decode step reads ~5x fewer bytes than with float32 weights.
+ *
+ * Packed layouts (built by kernels/cpu_quant.py), tiles of 16 outputs so one step feeds 16 lanes:
+ *   q4: w[tiles, G, 16, 16] uint8: byte [t, g, p, i] = q[16t+i, 32g+2p] | q[16t+i, 32g+2p+1] << 4
+ *   q8: w[tiles, G, 32, 16] int8:  [t, g, k, i] = q[16t+i, 32g+k]
+ *   scale, zero: [tiles, G, 16] float32 (rows past N are zero).
+ * Per group: dot = sum_k x[k] * q[k]; acc += scale * dot + zero * sum_k x[k]. Each row's result is
+ * computed in the same order whatever M is, so a sequence gets the same numbers alone or batched.
+ * 2. Paged decode attention and RMSNorm (twins in kernels/reference.py), which in torch cost more in
+ *    per-op overhead and gathers than in arithmetic at decode batch sizes.
+ * Compiled with -march=native; each kernel has AVX-512, AVX2 and plain C paths (the vec16 helpers).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define TILE 16
+#define ROW_BLOCK 4
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+typedef __m512 vec16;
+static inline vec16 v_zero(void) { return _mm512_setzero_ps(); }
+static inline vec16 v_load(const float *p) { return _mm512_loadu_ps(p); }
+static inline void v_store(float *p, vec16 a) { _mm512_storeu_ps(p, a); }
+static inline vec16 v_fma_s(float a, vec16 b, vec16 c) { return _mm512_fmadd_ps(_mm512_set1_ps(a), b, c); }
+static inline vec16 v_fma(vec16 a, vec16 b, vec16 c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vec16 v_add(vec16 a, vec16 b) { return _mm512_add_ps(a, b); }
+static inline void v_nibbles(const uint8_t *p, vec16 *lo, vec16 *hi) {
+    __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    *lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+    *hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+}
+static inline vec16 v_int8(const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+static inline vec16 v_set1(float a) { return _mm512_set1_ps(a); }
+static inline vec16 v_mul(vec16 a, vec16 b) { return _mm512_mul_ps(a, b); }
+static inline float v_hsum(vec16 a) { return _mm512_reduce_add_ps(a); }
+/* exp(x), x clamped to [-87, 88]: 2^n * 2^f with |f| <= 1/2 and a degree-6 polynomial (rel. error ~2e-7) */
+static inline vec16 v_exp(vec16 x) {
+    const __m512 t = _mm512_mul_ps(_mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f)),
+                                    _mm512_set1_ps(1.44269504f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(1.5403530e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+typedef struct { __m256 a, b; } vec16;
+static inline vec16 v_zero(void) { return (vec16){_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+static inline vec16 v_load(const float *p) { return (vec16){_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+static inline void v_store(float *p, vec16 x) { _mm256_storeu_ps(p, x.a); _mm256_storeu_ps(p + 8, x.b); }
+static inline vec16 v_fma_s(float s, vec16 x, vec16 c) {
+    __m256 a = _mm256_set1_ps(s);
+    return (vec16){_mm256_fmadd_ps(a, x.a, c.a), _mm256_fmadd_ps(a, x.b, c.b)};
+}
+static inline vec16 v_fma(vec16 x, vec16 y, vec16 c) {
+    return (vec16){_mm256_fmadd_ps(x.a, y.a, c.a), _mm256_fmadd_ps(x.b, y.b, c.b)};
+}
+static inline vec16 v_add(vec16 x, vec16 y) { return (vec16){_mm256_add_ps(x.a, y.a), _mm256_add_ps(x.b, y.b)}; }
+static inline void v_nibbles(const uint8_t *p, vec16 *lo, vec16 *hi) {
+    __m256i mask = _mm256_set1_epi32(15);
+    __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)));
+    *lo = (vec16){_mm256_cvtepi32_ps(_mm256_and_si256(b0, mask)), _mm256_cvtepi32_ps(_mm256_and_si256(b1, mask))};
+    *hi = (vec16){_mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)), _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4))};
+}
+static inline vec16 v_int8(const int8_t *p) {
+    return (vec16){_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))),
+                   _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8))))};
+}
+static inline vec16 v_set1(float a) { __m256 v = _mm256_set1_ps(a); return (vec16){v, v}; }
+static inline vec16 v_mul(vec16 x, vec16 y) { return (vec16){_mm256_mul_ps(x.a, y.a), _mm256_mul_ps(x.b, y.b)}; }
+static inline float v_hsum(vec16 x) {
+    __m256 s = _mm256_add_ps(x.a, x.b);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+static inline __m256 exp8(__m256 x) {  /* see the AVX-512 v_exp */
+    const __m256 t = _mm256_mul_ps(_mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f)),
+                                    _mm256_set1_ps(1.44269504f));
+    const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 f = _mm256_sub_ps(t, n);
+    __m256 p = _mm256_set1_ps(1.5403530e-4f);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504109e-2f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022651e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+static inline vec16 v_exp(vec16 x) { return (vec16){exp8(x.a), exp8(x.b)}; }
+#else
+typedef struct { float v[TILE]; } vec16;
+static inline vec16 v_zero(void) { vec16 r; memset(&r, 0, sizeof r); return r; }
+static inline vec16 v_load(const float *p) { vec16 r; memcpy(r.v, p, sizeof r.v); return r; }
+static inline void v_store(float *p, vec16 a) { memcpy(p, a.v, sizeof a.v); }
+static inline vec16 v_fma_s(float a, vec16 b, vec16 c) {
+    for (int i = 0; i < TILE; i++) c.v[i] += a * b.v[i];
+    return c;
+}
+static inline vec16 v_fma(vec16 a, vec16 b, vec16 c) {
+    for (int i = 0; i < TILE; i++) c.v[i] += a.v[i] * b.v[i];
+    return c;
+}
+static inline vec16 v_add(vec16 a, vec16 b) {
+    for (int i = 0; i < TILE; i++) a.v[i] += b.v[i];
+    return a;
+}
+static inline void v_nibbles(const uint8_t *p, vec16 *lo, vec16 *hi) {
+    for (int i = 0; i < TILE; i++) { lo->v[i] = (float)(p[i] & 15); hi->v[i] = (float)(p[i] >> 4); }
+}
+static inline vec16 v_int8(const int8_t *p) {
+    vec16 r;
+    for (int i = 0; i < TILE; i++) r.v[i] = (float)p[i];
+    return r;
+}
+static inline vec16 v_set1(float a) { vec16 r; for (int i = 0; i < TILE; i++) r.v[i] = a; return r; }
+static inline vec16 v_mul(vec16 a, vec16 b) { for (int i = 0; i < TILE; i++) a.v[i] *= b.v[i]; return a; }
+static inline float v_hsum(vec16 a) { float s = 0.0f; for (int i = 0; i < TILE; i++) s += a.v[i]; return s; }
+static inline vec16 v_exp(vec16 a) {
+    for (int i = 0; i < TILE; i++) a.v[i] = expf(a.v[i] < -87.0f ? -87.0f : a.v[i] > 88.0f ? 88.0f : a.v[i]);
+    return a;
+}
+#endif
+
+/* Store a tile's 16 results, or only the first n_valid of them for the last, partial tile. */
+static inline void store_tile(float *dst, vec16 acc, int64_t n_valid) {
+    if (n_valid == TILE) { v_store(dst, acc); return; }
+    float tmp[TILE];
+    v_store(tmp, acc);
+    memcpy(dst, tmp, (size_t)n_valid * sizeof(float));
+}
+
+/* sum of each 32-input group of each row: [M, G] */
+static void group_sums(const float *x, int64_t M, int64_t K, float *xsum) {
+    const int64_t G = K / 32;
+    for (int64_t r = 0; r < M; r++)
+        for (int64_t g = 0; g < G; g++) {
+            float s = 0.0f;
+            for (int j = 0; j < 32; j++) s += x[r * K + g * 32 + j];
+            xsum[r * G + g] = s;
+        }
+}
+
+void llm_q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *w, const float *scale,
+                   const float *zero, int64_t N, float *out, float *xsum) {
+    const int64_t G = K / 32, tiles = (N + TILE - 1) / TILE;
+    group_sums(x, M, K, xsum);
+    #pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        const int64_t n_valid = N - t * TILE < TILE ? N - t * TILE : TILE;
+        for (int64_t r0 = 0; r0 < M; r0 += ROW_BLOCK) {
+            const int rn = M - r0 < ROW_BLOCK ? (int)(M - r0) : ROW_BLOCK;
+            vec16 acc[ROW_BLOCK];
+            for (int r = 0; r < ROW_BLOCK; r++) acc[r] = v_zero();
+            for (int64_t g = 0; g < G; g++) {
+                const int64_t tg = t * G + g;
+                const uint8_t *p = w + tg * 16 * TILE;
+                vec16 d_even[ROW_BLOCK], d_odd[ROW_BLOCK];
+                for (int r = 0; r < ROW_BLOCK; r++) { d_even[r] = v_zero(); d_odd[r] = v_zero(); }
+                for (int k = 0; k < 16; k++) {
+                    vec16 lo, hi;
+                    v_nibbles(p + k * TILE, &lo, &hi);
+                    for (int r = 0; r < rn; r++) {
+                        const float *xr = x + (r0 + r) * K + g * 32 + 2 * k;
+                        d_even[r] = v_fma_s(xr[0], lo, d_even[r]);
+                        d_odd[r] = v_fma_s(xr[1], hi, d_odd[r]);
+                    }
+                }
+                const vec16 sc = v_load(scale + tg * TILE), zp = v_load(zero + tg * TILE);
+                for (int r = 0; r < rn; r++)
+                    acc[r] = v_fma(sc, v_add(d_even[r], d_odd[r]), v_fma_s(xsum[(r0 + r) * G + g], zp, acc[r]));
+            }
+            for (int r = 0; r < rn; r++) store_tile(out + (r0 + r) * N + t * TILE, acc[r], n_valid);
+        }
+    }
+}
+
+void llm_q8_matmul(const float *x, int64_t M, int64_t K, const int8_t *w, const float *scale,
+                   int64_t N, float *out) {
+    const int64_t G = K / 32, tiles = (N + TILE - 1) / TILE;
+    #pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        const int64_t n_valid = N - t * TILE < TILE ? N - t * TILE : TILE;
+        for (int64_t r0 = 0; r0 < M; r0 += ROW_BLOCK) {
+            const int rn = M - r0 < ROW_BLOCK ? (int)(M - r0) : ROW_BLOCK;
+            vec16 acc[ROW_BLOCK];
+            for (int r = 0; r < ROW_BLOCK; r++) acc[r] = v_zero();
+            for (int64_t g = 0; g < G; g++) {
+                const int64_t tg = t * G + g;
+                const int8_t *p = w + tg * 32 * TILE;
+                vec16 d_even[ROW_BLOCK], d_odd[ROW_BLOCK];
+                for (int r = 0; r < ROW_BLOCK; r++) { d_even[r] = v_zero(); d_odd[r] = v_zero(); }
+                for (int k = 0; k < 32; k += 2) {
+                    const vec16 q0 = v_int8(p + k * TILE), q1 = v_int8(p + (k + 1) * TILE);
+                    for (int r = 0; r < rn; r++) {
+                        const float *xr = x + (r0 + r) * K + g * 32 + k;
+                        d_even[r] = v_fma_s(xr[0], q0, d_even[r]);
+                        d_odd[r] = v_fma_s(xr[1], q1, d_odd[r]);
+                    }
+                }
+                const vec16 sc = v_load(scale + tg * TILE);
+                for (int r = 0; r < rn; r++) acc[r] = v_fma(sc, v_add(d_even[r], d_odd[r]), acc[r]);
+            }
+            for (int r = 0; r < rn; r++) store_tile(out + (r0 + r) * N + t * TILE, acc[r], n_valid);
+        }
+    }
+}
+
+static inline float dot_f32(const float *a, const float *b, int64_t n) {
+    int64_t i = 0;
+    vec16 acc = v_zero();
+    for (; i + TILE <= n; i += TILE) acc = v_fma(v_load(a + i), v_load(b + i), acc);
+    float s = v_hsum(acc);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* One query token per sequence over its paged K/V (the twin: reference.paged_decode_attention).
+   q, out: [B, H, D]; k_cache, v_cache: [num_blocks, block_size, KVH, D]; block_tables: [B, table_width];
+   context_lens: [B] (the current token's K/V already stored). One task per (sequence, KV head): its
+   `group` query heads share each K/V row read. Exact softmax over the scores (max, exp, sum); the
+   weighted V sum keeps each 16-wide slice of the output in a register across the tokens. */
+void llm_paged_decode_attention(const float *q, const float *k_cache, const float *v_cache,
+                                const int64_t *block_tables, int64_t table_width, const int64_t *context_lens,
+                                int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t block_size,
+                                float scale, float *out) {
+    const int64_t group = H / KVH;
+    #pragma omp parallel for schedule(dynamic, 1) collapse(2)
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t kh = 0; kh < KVH; kh++) {
+            const int64_t ctx = context_lens[b], padded = (ctx + TILE - 1) / TILE * TILE;
+            const int64_t *table = block_tables + b * table_width;
+            const float *qb = q + (b * H + kh * group) * D;
+            float *ob = out + (b * H + kh * group) * D;
+            float *scores = malloc(sizeof(float) * (size_t)(padded > 0 ? padded : TILE) * (size_t)group);
+            int64_t *rows = malloc(sizeof(int64_t) * (size_t)(ctx > 0 ? ctx : 1));  /* token -> row offset */
+            for (int64_t t = 0; t < ctx; t++)
+                rows[t] = ((table[t / block_size] * block_size + t % block_size) * KVH + kh) * D;
+            for (int64_t t = 0; t < ctx; t++)
+                for (int64_t g = 0; g < group; g++)
+                    scores[g * padded + t] = dot_f32(qb + g * D, k_cache + rows[t], D) * scale;
+            for (int64_t g = 0; g < group; g++) {
+                float *s = scores + g * padded, mx = -INFINITY, sum = 0.0f;
+                for (int64_t t = ctx; t < padded; t++) s[t] = -INFINITY;
+                for (int64_t t = 0; t < ctx; t++) mx = s[t] > mx ? s[t] : mx;
+                const vec16 neg_mx = v_set1(-mx);
+                for (int64_t t = 0; t < padded; t += TILE) v_store(s + t, v_exp(v_add(v_load(s + t), neg_mx)));
+                for (int64_t t = 0; t < ctx; t++) sum += s[t];
+                const float inv = 1.0f / sum;
+                for (int64_t t = 0; t < ctx; t++) s[t] *= inv;
+                float *o = ob + g * D;
+                int64_t c = 0;
+                for (; c + TILE <= D; c += TILE) {
+                    vec16 a0 = v_zero(), a1 = v_zero();
+                    int64_t t = 0;
+                    for (; t + 1 < ctx; t += 2) {
+                        a0 = v_fma_s(s[t], v_load(v_cache + rows[t] + c), a0);
+                        a1 = v_fma_s(s[t + 1], v_load(v_cache + rows[t + 1] + c), a1);
+                    }
+                    if (t < ctx) a0 = v_fma_s(s[t], v_load(v_cache + rows[t] + c), a0);
+                    v_store(o + c, v_add(a0, a1));
+                }
+                for (; c < D; c++) {
+                    float a = 0.0f;
+                    for (int64_t t = 0; t < ctx; t++) a += s[t] * v_cache[rows[t] + c];
+                    o[c] = a;
+                }
+            }
+            free(rows);
+            free(scores);
+        }
+    }
+}
+
+/* RMSNorm with an optional residual add (the twin: reference.rms_norm, float32):
+   if residual: x += residual, residual_out = x; out = x * rsqrt(mean(x^2) + eps) * weight.
+   x, out, residual_out: [T, N] rows; residual may be NULL. */
+void llm_rms_norm(const float *x, const float *residual, const float *weight, float eps, int64_t T, int64_t N,
+                  float *out, float *residual_out) {
+    for (int64_t r = 0; r < T; r++) {
+        const float *xr = x + r * N;
+        float *o = out + r * N;
+        if (residual) {
+            float *ro = residual_out + r * N;
+            for (int64_t i = 0; i < N; i++) ro[i] = xr[i] + residual[r * N + i];
+            xr = ro;
+        }
+        float ss = 0.0f;
+        for (int64_t i = 0; i < N; i++) ss += xr[i] * xr[i];
+        const float inv = 1.0f / sqrtf(ss / (float)N + eps);
+        for (int64_t i = 0; i < N; i++) o[i] = xr[i] * inv * weight[i];
+    }
+}
+
+/* Neox-style rotary embedding (the twin: reference.rotary_embedding), writing new q and k:
+   q: [T, H, D] with row stride q_stride (heads contiguous), k: [T, KVH, D] with row stride k_stride;
+   cos_sin: [max_pos, D] (cos in the first half, sin in the second); q_out, k_out contiguous. */
+static void rotate_heads(const float *x, int64_t heads, int64_t D, const float *cos, const float *sin, float *out) {
+    const int64_t half = D / 2;
+    for (int64_t h = 0; h < heads; h++) {
+        const float *x1 = x + h * D, *x2 = x1 + half;
+        float *o1 = out + h * D, *o2 = o1 + half;
+        for (int64_t i = 0; i < half; i++) {
+            const float a = x1[i] * cos[i], b = x2[i] * sin[i], c = x2[i] * cos[i], d = x1[i] * sin[i];
+            o1[i] = a - b;
+            o2[i] = c + d;
+        }
+    }
+}
+
+void llm_rotary_embedding(const float *q, int64_t q_stride, const float *k, int64_t k_stride,
+                          const int64_t *positions, const float *cos_sin, int64_t T, int64_t H, int64_t KVH,
+                          int64_t D, float *q_out, float *k_out) {
+    for (int64_t t = 0; t < T; t++) {
+        const float *cos = cos_sin + positions[t] * D, *sin = cos + D / 2;
+        rotate_heads(q + t * q_stride, H, D, cos, sin, q_out + t * H * D);
+        rotate_heads(k + t * k_stride, KVH, D, cos, sin, k_out + t * KVH * D);
+    }
+}
+
+/* silu(gate) * up (the twin: reference.silu_and_mul): x [T, 2I] rows of gate then up -> out [T, I]. */
+void llm_silu_and_mul(const float *x, int64_t T, int64_t I, float *out) {
+    const vec16 one = v_set1(1.0f), minus_one = v_set1(-1.0f);
+    for (int64_t t = 0; t < T; t++) {
+        const float *gate = x + t * 2 * I, *up = gate + I;
+        float *o = out + t * I;
+        int64_t i = 0;
+        for (; i + TILE <= I; i += TILE) {
+            float den[TILE];
+            v_store(den, v_add(one, v_exp(v_mul(v_load(gate + i), minus_one))));
+            for (int j = 0; j < TILE; j++) o[i + j] = gate[i + j] / den[j] * up[i + j];
+        }
+        for (; i < I; i++) o[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+    }
+}
