@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from engine.attention import AttentionMetadata
@@ -34,8 +35,7 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.device = device
         shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
-                           torch.zeros(shape, dtype=dtype, device=device))
+        self.kv_caches = [(_zeros(shape, dtype, device), _zeros(shape, dtype, device))
                           for _ in range(config.num_hidden_layers)]
         self.graphs = None  # engine.cuda_graph.DecodeGraphs, attached after capture on CUDA
 
@@ -128,3 +128,14 @@ class ModelRunner:
         if not prepared.prompt_logprob_spans:
             return logits, None
         return logits, self.model.compute_logits(hidden[prepared.prompt_logprob_indices])
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero-filled cache tensor. On the CPU from calloc'd memory (numpy), whose pages the OS zeroes
+    on first touch: torch.zeros would write all of a 2 GiB cache at startup (1-4 s on the dev machine).
+    NOTE: zeros, not garbage: the torch attention twins read whole blocks and mask by weight, and a
+    NaN bit pattern times a zero weight would still be NaN."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    num_bytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(num_bytes, dtype=np.uint8)).view(dtype).view(shape)

@@ -24,13 +24,18 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig, ops: ModuleType, max_positions: int):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # NOTE: _weight skips the random init: normal_ on the meta device imports torch._dynamo (~1 s of
+        # startup); the loader fills every parameter anyway.
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(config, ops) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(
             config.hidden_size, config.vocab_size, bias=False)
-        self.register_buffer("cos_sin_cache", rope_cos_sin_cache(
-            config.head_dim, config.rope_theta, config.rope_scaling, max_positions), persistent=False)
+        cos_sin = torch.empty(max_positions, config.head_dim)
+        if not cos_sin.is_meta:  # on meta (the loader's build) it is computed for real after loading
+            cos_sin = rope_cos_sin_cache(config.head_dim, config.rope_theta, config.rope_scaling, max_positions)
+        self.register_buffer("cos_sin_cache", cos_sin, persistent=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
