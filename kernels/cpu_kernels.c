@@ -162,6 +162,66 @@ static void group_sums(const float *x, int64_t M, int64_t K, float *xsum) {
         }
 }
 
+/* R rows (1..ROW_BLOCK, a compile-time constant after inlining) of one 16-output tile, all G groups.
+   Four accumulator chains per row: one chain would wait on each FMA's latency at batch 1. */
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+ALWAYS_INLINE void q4_rows(const float *x, int64_t K, int64_t G, const uint8_t *w, const float *scale,
+                           const float *zero, const float *xsum, const int R, float *out, int64_t N,
+                           int64_t n_valid) {
+    vec16 acc[ROW_BLOCK];
+    for (int r = 0; r < R; r++) acc[r] = v_zero();
+    for (int64_t g = 0; g < G; g++) {
+        const uint8_t *p = w + g * 16 * TILE;
+        vec16 a[ROW_BLOCK][4];
+        for (int r = 0; r < R; r++) a[r][0] = a[r][1] = a[r][2] = a[r][3] = v_zero();
+        for (int k = 0; k < 16; k += 2) {
+            vec16 lo0, hi0, lo1, hi1;
+            v_nibbles(p + k * TILE, &lo0, &hi0);
+            v_nibbles(p + (k + 1) * TILE, &lo1, &hi1);
+            for (int r = 0; r < R; r++) {
+                const float *xr = x + r * K + g * 32 + 2 * k;
+                a[r][0] = v_fma_s(xr[0], lo0, a[r][0]);
+                a[r][1] = v_fma_s(xr[1], hi0, a[r][1]);
+                a[r][2] = v_fma_s(xr[2], lo1, a[r][2]);
+                a[r][3] = v_fma_s(xr[3], hi1, a[r][3]);
+            }
+        }
+        const vec16 sc = v_load(scale + g * TILE), zp = v_load(zero + g * TILE);
+        for (int r = 0; r < R; r++) {
+            const vec16 dot = v_add(v_add(a[r][0], a[r][1]), v_add(a[r][2], a[r][3]));
+            acc[r] = v_fma(sc, dot, v_fma_s(xsum[r * G + g], zp, acc[r]));
+        }
+    }
+    for (int r = 0; r < R; r++) store_tile(out + r * N, acc[r], n_valid);
+}
+
+ALWAYS_INLINE void q8_rows(const float *x, int64_t K, int64_t G, const int8_t *w, const float *scale,
+                           const int R, float *out, int64_t N, int64_t n_valid) {
+    vec16 acc[ROW_BLOCK];
+    for (int r = 0; r < R; r++) acc[r] = v_zero();
+    for (int64_t g = 0; g < G; g++) {
+        const int8_t *p = w + g * 32 * TILE;
+        vec16 a[ROW_BLOCK][4];
+        for (int r = 0; r < R; r++) a[r][0] = a[r][1] = a[r][2] = a[r][3] = v_zero();
+        for (int k = 0; k < 32; k += 4) {
+            const vec16 q0 = v_int8(p + k * TILE), q1 = v_int8(p + (k + 1) * TILE);
+            const vec16 q2 = v_int8(p + (k + 2) * TILE), q3 = v_int8(p + (k + 3) * TILE);
+            for (int r = 0; r < R; r++) {
+                const float *xr = x + r * K + g * 32 + k;
+                a[r][0] = v_fma_s(xr[0], q0, a[r][0]);
+                a[r][1] = v_fma_s(xr[1], q1, a[r][1]);
+                a[r][2] = v_fma_s(xr[2], q2, a[r][2]);
+                a[r][3] = v_fma_s(xr[3], q3, a[r][3]);
+            }
+        }
+        const vec16 sc = v_load(scale + g * TILE);
+        for (int r = 0; r < R; r++)
+            acc[r] = v_fma(sc, v_add(v_add(a[r][0], a[r][1]), v_add(a[r][2], a[r][3])), acc[r]);
+    }
+    for (int r = 0; r < R; r++) store_tile(out + r * N, acc[r], n_valid);
+}
+
 void llm_q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *w, const float *scale,
                    const float *zero, int64_t N, float *out, float *xsum) {
     const int64_t G = K / 32, tiles = (N + TILE - 1) / TILE;
@@ -169,29 +229,17 @@ void llm_q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *w, const
     #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < tiles; t++) {
         const int64_t n_valid = N - t * TILE < TILE ? N - t * TILE : TILE;
+        const uint8_t *wt = w + t * G * 16 * TILE;
+        const float *st = scale + t * G * TILE, *zt = zero + t * G * TILE;
         for (int64_t r0 = 0; r0 < M; r0 += ROW_BLOCK) {
-            const int rn = M - r0 < ROW_BLOCK ? (int)(M - r0) : ROW_BLOCK;
-            vec16 acc[ROW_BLOCK];
-            for (int r = 0; r < ROW_BLOCK; r++) acc[r] = v_zero();
-            for (int64_t g = 0; g < G; g++) {
-                const int64_t tg = t * G + g;
-                const uint8_t *p = w + tg * 16 * TILE;
-                vec16 d_even[ROW_BLOCK], d_odd[ROW_BLOCK];
-                for (int r = 0; r < ROW_BLOCK; r++) { d_even[r] = v_zero(); d_odd[r] = v_zero(); }
-                for (int k = 0; k < 16; k++) {
-                    vec16 lo, hi;
-                    v_nibbles(p + k * TILE, &lo, &hi);
-                    for (int r = 0; r < rn; r++) {
-                        const float *xr = x + (r0 + r) * K + g * 32 + 2 * k;
-                        d_even[r] = v_fma_s(xr[0], lo, d_even[r]);
-                        d_odd[r] = v_fma_s(xr[1], hi, d_odd[r]);
-                    }
-                }
-                const vec16 sc = v_load(scale + tg * TILE), zp = v_load(zero + tg * TILE);
-                for (int r = 0; r < rn; r++)
-                    acc[r] = v_fma(sc, v_add(d_even[r], d_odd[r]), v_fma_s(xsum[(r0 + r) * G + g], zp, acc[r]));
+            const float *xr = x + r0 * K, *xs = xsum + r0 * G;
+            float *o = out + r0 * N + t * TILE;
+            switch (M - r0 < ROW_BLOCK ? (int)(M - r0) : ROW_BLOCK) {
+                case 1: q4_rows(xr, K, G, wt, st, zt, xs, 1, o, N, n_valid); break;
+                case 2: q4_rows(xr, K, G, wt, st, zt, xs, 2, o, N, n_valid); break;
+                case 3: q4_rows(xr, K, G, wt, st, zt, xs, 3, o, N, n_valid); break;
+                default: q4_rows(xr, K, G, wt, st, zt, xs, 4, o, N, n_valid); break;
             }
-            for (int r = 0; r < rn; r++) store_tile(out + (r0 + r) * N + t * TILE, acc[r], n_valid);
         }
     }
 }
@@ -202,27 +250,17 @@ void llm_q8_matmul(const float *x, int64_t M, int64_t K, const int8_t *w, const 
     #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < tiles; t++) {
         const int64_t n_valid = N - t * TILE < TILE ? N - t * TILE : TILE;
+        const int8_t *wt = w + t * G * 32 * TILE;
+        const float *st = scale + t * G * TILE;
         for (int64_t r0 = 0; r0 < M; r0 += ROW_BLOCK) {
-            const int rn = M - r0 < ROW_BLOCK ? (int)(M - r0) : ROW_BLOCK;
-            vec16 acc[ROW_BLOCK];
-            for (int r = 0; r < ROW_BLOCK; r++) acc[r] = v_zero();
-            for (int64_t g = 0; g < G; g++) {
-                const int64_t tg = t * G + g;
-                const int8_t *p = w + tg * 32 * TILE;
-                vec16 d_even[ROW_BLOCK], d_odd[ROW_BLOCK];
-                for (int r = 0; r < ROW_BLOCK; r++) { d_even[r] = v_zero(); d_odd[r] = v_zero(); }
-                for (int k = 0; k < 32; k += 2) {
-                    const vec16 q0 = v_int8(p + k * TILE), q1 = v_int8(p + (k + 1) * TILE);
-                    for (int r = 0; r < rn; r++) {
-                        const float *xr = x + (r0 + r) * K + g * 32 + k;
-                        d_even[r] = v_fma_s(xr[0], q0, d_even[r]);
-                        d_odd[r] = v_fma_s(xr[1], q1, d_odd[r]);
-                    }
-                }
-                const vec16 sc = v_load(scale + tg * TILE);
-                for (int r = 0; r < rn; r++) acc[r] = v_fma(sc, v_add(d_even[r], d_odd[r]), acc[r]);
+            const float *xr = x + r0 * K;
+            float *o = out + r0 * N + t * TILE;
+            switch (M - r0 < ROW_BLOCK ? (int)(M - r0) : ROW_BLOCK) {
+                case 1: q8_rows(xr, K, G, wt, st, 1, o, N, n_valid); break;
+                case 2: q8_rows(xr, K, G, wt, st, 2, o, N, n_valid); break;
+                case 3: q8_rows(xr, K, G, wt, st, 3, o, N, n_valid); break;
+                default: q8_rows(xr, K, G, wt, st, 4, o, N, n_valid); break;
             }
-            for (int r = 0; r < rn; r++) store_tile(out + (r0 + r) * N + t * TILE, acc[r], n_valid);
         }
     }
 }
