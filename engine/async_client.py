@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from engine.config import EngineConfig
 from engine.core_process import EngineProcess
 from engine.messages import (AbortRequest, EmbedOutput, EmbedRequest, EngineInfo, EngineRequest, EngineStats,
-                             TokenOutput)
+                             StopSample, TokenOutput)
 from engine.sampling_params import SamplingParams
 
 
@@ -146,6 +146,14 @@ class AsyncEngineClient:
     def abort(self, request_id: str) -> None:
         try:
             self._send(AbortRequest([request_id]))
+        except (EngineDeadError, BrokenPipeError, OSError):
+            pass
+
+    def stop_sample(self, request_id: str, index: int) -> None:
+        """End one sample of a running request (a stop string ended its text); its stream still gets
+        that sample's final output."""
+        try:
+            self._send(StopSample(request_id, index))
         except (EngineDeadError, BrokenPipeError, OSError):
             pass
 

@@ -155,6 +155,26 @@ class EngineCore:
                     outputs.append(TokenOutput(rid, i, [], finish_reason="abort"))
         return outputs
 
+    def stop_sample(self, request_id: str, index: int) -> list[TokenOutput]:
+        """Finish one sample early with reason 'stop' (its text hit a stop string, which only the server
+        sees) and free its blocks. Ignored for unknown or finished samples, and under best_of > n, where
+        samples are ranked only once all have finished."""
+        state = self.requests.get(request_id)
+        if state is None or index >= len(state.seqs):
+            return []
+        params = state.request.params
+        seq = state.seqs[index]
+        if (params.best_of and params.best_of > params.n) or seq.seq_id not in self._seq_owner:
+            return []
+        self.scheduler.abort(seq.seq_id)
+        self._seq_owner.pop(seq.seq_id, None)
+        state.num_finished += 1
+        if state.num_finished == len(state.seqs):
+            del self.requests[request_id]
+            self.num_requests_finished += 1
+        return [TokenOutput(request_id, index, [], finish_reason="stop", num_prompt_tokens=seq.num_prompt_tokens,
+                            num_cached_tokens=seq.num_cached_tokens)]
+
     def fail_all(self, message: str) -> list[TokenOutput]:
         """After an internal error: end every request with an error and free its blocks."""
         outputs = []

@@ -9,7 +9,7 @@ import traceback
 from multiprocessing.connection import Connection
 
 from engine.config import EngineConfig
-from engine.messages import AbortRequest, EmbedRequest, EngineRequest
+from engine.messages import AbortRequest, EmbedRequest, EngineRequest, StopSample
 
 log = logging.getLogger("llm.engine")
 
@@ -50,6 +50,8 @@ def _serve(core, requests: Connection, outputs: Connection) -> None:
                 immediate.extend(core.add_request(msg))
             elif isinstance(msg, AbortRequest):
                 immediate.extend(core.abort(msg.request_ids))
+            elif isinstance(msg, StopSample):
+                immediate.extend(core.stop_sample(msg.request_id, msg.index))
             elif isinstance(msg, EmbedRequest):
                 outputs.send(("embeddings", core.embed(msg)))
             elif msg == "stats":

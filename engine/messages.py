@@ -20,6 +20,14 @@ class AbortRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class StopSample:
+    """One sample of a running request is done (the server saw a stop string in its text): finish it
+    with reason 'stop' and free its blocks; the request's other samples go on."""
+    request_id: str
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
 class TokenOutput:
     """New tokens of one sample (index) of one request, produced by one engine step.
 

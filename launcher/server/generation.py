@@ -82,6 +82,17 @@ class SampleText:
         return delta
 
 
+def push_output(engine, sample: SampleText, out: TokenOutput) -> Delta:
+    """Feed one engine output to its sample. When a stop string ends the sample before the engine has
+    (the engine never sees text), tell the engine to stop that sample, so that with n > 1 it does not
+    keep generating for it until its siblings finish."""
+    was_finished = sample.finished
+    delta = sample.push(out)
+    if sample.finished and not was_finished and not out.finished:
+        engine.stop_sample(out.request_id, out.index)
+    return delta
+
+
 def _logprobs(out: TokenOutput) -> list[TokenLogprob]:
     if out.new_logprobs is None:
         return []

@@ -10,7 +10,7 @@ from sanic.request import Request
 from engine.chat_template import ChatTemplateError
 from launcher.server.chat_parsing import OutputParser, make_output_parser
 from launcher.server.errors import bad_request
-from launcher.server.generation import SampleText, TokenLogprob, merge_streams
+from launcher.server.generation import SampleText, TokenLogprob, merge_streams, push_output
 from launcher.server.protocol_chat import ChatRequest, parse_chat_request
 from launcher.server.responses import json_response, usage
 from launcher.server.sse import stream_events
@@ -111,7 +111,7 @@ class _Call:
 async def _complete(state: ServerState, call: _Call) -> dict:
     logprobs: list[list[TokenLogprob]] = [[] for _ in call.samples]
     async for _, out in call.outputs(state):
-        delta = call.samples[out.index].push(out)
+        delta = push_output(state.engine, call.samples[out.index], out)
         call.timer.tokens(delta.num_new_tokens)
         logprobs[out.index] += delta.logprobs
         if out.finished and out.index == 0:
@@ -150,7 +150,7 @@ async def _stream(state: ServerState, call: _Call) -> AsyncIterator[dict]:
             for i in range(len(call.samples)):
                 yield chunk([choice(i, {"role": "assistant", "content": ""})])
         i = out.index
-        delta = call.samples[i].push(out)
+        delta = push_output(state.engine, call.samples[i], out)
         call.timer.tokens(delta.num_new_tokens)
         if out.finished and i == 0:
             call.num_cached = out.num_cached_tokens

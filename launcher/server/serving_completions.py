@@ -9,7 +9,8 @@ from sanic.request import Request
 
 from engine.messages import TokenOutput
 from launcher.server.errors import APIError, bad_request
-from launcher.server.generation import Delta, SampleText, TokenLogprob, merge_streams, prompt_logprobs
+from launcher.server.generation import (Delta, SampleText, TokenLogprob, merge_streams, prompt_logprobs,
+                                        push_output)
 from launcher.server.protocol import CompletionRequest, parse_completion_request
 from launcher.server.responses import json_response, usage
 from launcher.server.sse import stream_events
@@ -102,7 +103,7 @@ async def _complete(state: ServerState, p: _Prepared) -> dict:
     async for prompt_i, out in merge_streams(p.streams(state), state.settings.request_timeout_s):
         p.note(prompt_i, out)
         index = p.choice_index(prompt_i, out.index)
-        delta = p.samples[index].push(out)
+        delta = push_output(state.engine, p.samples[index], out)
         p.timers[prompt_i].tokens(delta.num_new_tokens)
         logprobs[index] += delta.logprobs
         if out.finished and out.index == 0:  # one count per prompt, not per sample
@@ -138,7 +139,7 @@ async def _stream(state: ServerState, p: _Prepared) -> AsyncIterator[dict]:
         p.note(prompt_i, out)
         index = p.choice_index(prompt_i, out.index)
         sample = p.samples[index]
-        delta: Delta = sample.push(out)
+        delta: Delta = push_output(state.engine, sample, out)
         p.timers[prompt_i].tokens(delta.num_new_tokens)
         if out.finished and out.index == 0:  # one count per prompt, not per sample
             num_cached += out.num_cached_tokens

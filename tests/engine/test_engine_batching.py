@@ -134,3 +134,28 @@ def test_requests_that_cannot_fit_are_refused_at_once(core):
     outs = core.add_request(EngineRequest("bad", [10**7], SamplingParams(max_tokens=1), time.monotonic()))
     assert outs[0].finish_reason == "error" and "token ids" in outs[0].error
     assert not core.has_work()
+
+
+def test_stop_sample_ends_one_sample_and_frees_its_blocks(core):
+    """n > 1: the server saw a stop string in sample 1; the engine ends it, the others run to max_tokens."""
+    params = SamplingParams(temperature=0.8, seed=7, n=3, max_tokens=40, ignore_eos=True)
+    core.add_request(EngineRequest("s", make_prompts(1, base_len=40)[0], params, time.monotonic()))
+    counts, finishes = [0, 0, 0], {}
+
+    def take(outputs):
+        for out in outputs:
+            counts[out.index] += len(out.new_token_ids)
+            if out.finished:
+                finishes[out.index] = out.finish_reason
+
+    for _ in range(5):
+        take(core.step())
+    used_before = core.stats().num_blocks_used
+    take(core.stop_sample("s", 1))
+    assert finishes == {1: "stop"} and core.stats().num_blocks_used < used_before
+    assert core.stop_sample("s", 1) == [] and core.stop_sample("unknown", 0) == []
+    while core.has_work():
+        take(core.step())
+    assert finishes == {0: "length", 1: "stop", 2: "length"}
+    assert counts[0] == counts[2] == 40 and counts[1] < 10
+    assert core.stats().num_blocks_used == 0 and "s" not in core.requests
