@@ -22,7 +22,7 @@ max_model_len = 4096
 [engine]
 device = "cpu"
 kv_cache_gib = 0.25
-""", tmp_path_factory.mktemp("timeout"), model_path=default_gguf_path, server_extra="request_timeout_s = 1.5\nmax_queued_requests = 2")
+""", tmp_path_factory.mktemp("timeout"), model_path=default_gguf_path, server_extra="request_timeout_s = 3\nmax_queued_requests = 2")
     try:
         yield srv
     finally:
@@ -40,7 +40,7 @@ def test_non_streaming_request_times_out_with_408(short_timeout_server):
     r = httpx.post(srv.url + "/v1/completions", json=LONG, headers=srv.auth, timeout=60)
     assert r.status_code == 408, r.text
     assert r.json()["error"]["code"] == "request_timeout"
-    assert time.monotonic() - start < 10
+    assert time.monotonic() - start < 15
     for _ in range(50):
         if blocks_used(srv) == 0:
             break
