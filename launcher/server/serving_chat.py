@@ -15,6 +15,8 @@ from launcher.server.protocol_chat import ChatRequest, parse_chat_request
 from launcher.server.responses import json_response, usage
 from launcher.server.sse import stream_events
 from launcher.server.state import ServerState
+from launcher.server.tool_parsers import detect_tool_parser
+from launcher.server.tool_prompt import template_renders_tools, with_tools_as_text
 
 # Template variables a request's chat_template_kwargs may not replace.
 _RESERVED_KWARGS = frozenset(("messages", "tools", "add_generation_prompt", "chat_template", "bos_token",
@@ -30,6 +32,9 @@ def render_chat_prompt(state: ServerState, req: ChatRequest) -> list[int]:
     if reserved:
         raise bad_request(f"'chat_template_kwargs' may not set {', '.join(sorted(reserved))}", "chat_template_kwargs")
     messages = [_for_template(m, state.content_format) for m in req.messages]
+    if req.tools and req.tool_choice != "none" and not template_renders_tools(state.chat_template) \
+            and detect_tool_parser(state.chat_template) == "hermes":
+        messages = with_tools_as_text(messages, req.tools)
     try:
         text = state.tokenizer.apply_chat_template(
             messages, tools=req.tools, add_generation_prompt=req.add_generation_prompt,

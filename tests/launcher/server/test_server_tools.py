@@ -170,3 +170,25 @@ def test_unknown_named_tool_through_client(client):
     with pytest.raises(openai.BadRequestError) as e:
         create(client, tool_choice={"type": "function", "function": {"name": "launch"}})
     assert e.value.status_code == 400 and "launch" in e.value.message
+
+
+def rendered_prompt(server, **body) -> str:
+    ids = httpx.post(server.url + "/tokenize", headers=server.auth, timeout=30,
+                     json={"model": PRIMARY, **body}).json()["tokens"]
+    return httpx.post(server.url + "/detokenize", headers=server.auth, timeout=30, json={"tokens": ids}).json()["prompt"]
+
+
+def test_tools_reach_a_template_that_ignores_them(server):
+    """SmolLM2's template never reads `tools`: the functions go into a system turn, Hermes style, and past calls
+    and results into text, so under tool_choice 'auto' the model can see what it may call."""
+    call = {"id": "call_" + "a" * 24, "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}
+    messages = ASK + [{"role": "assistant", "content": None, "tool_calls": [call]},
+                      {"role": "tool", "tool_call_id": call["id"], "content": "Sunny, 22 C."}]
+    text = rendered_prompt(server, messages=messages, tools=TOOLS)
+    assert text.startswith("<|im_start|>system\nYou may call functions")
+    assert '"name": "get_weather"' in text and '"name": "add"' in text and "<tool_call>" in text
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>' in text
+    assert "<|im_start|>user\n<tool_response>\nSunny, 22 C.\n</tool_response><|im_end|>" in text
+    plain = rendered_prompt(server, messages=ASK)
+    assert "You may call functions" not in plain and "SmolLM" in plain   # no tools: the template's own system turn
