@@ -22,7 +22,7 @@
 #include <string.h>
 
 #define TILE 16
-#define ROW_BLOCK 4
+#define ROW_BLOCK 8
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -173,7 +173,7 @@ static void group_sums(const float *x, int64_t M, int64_t K, float *xsum) {
 }
 
 /* R rows (1..ROW_BLOCK, a compile-time constant after inlining) of one 16-output tile, all G groups.
-   Four accumulator chains per row: one chain would wait on each FMA's latency at batch 1. */
+   Each group's 16 weight loads and conversions serve all R rows; two accumulator chains a row. */
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
 ALWAYS_INLINE void q4_rows(const float *x, int64_t K, int64_t G, const uint8_t *w, const float *scale,
@@ -183,25 +183,20 @@ ALWAYS_INLINE void q4_rows(const float *x, int64_t K, int64_t G, const uint8_t *
     for (int r = 0; r < R; r++) acc[r] = v_zero();
     for (int64_t g = 0; g < G; g++) {
         const uint8_t *p = w + g * 16 * TILE;
-        vec16 a[ROW_BLOCK][4];
-        for (int r = 0; r < R; r++) a[r][0] = a[r][1] = a[r][2] = a[r][3] = v_zero();
-        for (int k = 0; k < 16; k += 2) {
-            vec16 lo0, hi0, lo1, hi1;
-            v_nibbles(p + k * TILE, &lo0, &hi0);
-            v_nibbles(p + (k + 1) * TILE, &lo1, &hi1);
+        vec16 a[ROW_BLOCK][2];
+        for (int r = 0; r < R; r++) a[r][0] = a[r][1] = v_zero();
+        for (int k = 0; k < 16; k++) {
+            vec16 lo, hi;
+            v_nibbles(p + k * TILE, &lo, &hi);
             for (int r = 0; r < R; r++) {
                 const float *xr = x + r * K + g * 32 + 2 * k;
-                a[r][0] = v_fma_s(xr[0], lo0, a[r][0]);
-                a[r][1] = v_fma_s(xr[1], hi0, a[r][1]);
-                a[r][2] = v_fma_s(xr[2], lo1, a[r][2]);
-                a[r][3] = v_fma_s(xr[3], hi1, a[r][3]);
+                a[r][0] = v_fma_s(xr[0], lo, a[r][0]);
+                a[r][1] = v_fma_s(xr[1], hi, a[r][1]);
             }
         }
         const vec16 sc = v_load(scale + g * TILE), zp = v_load(zero + g * TILE);
-        for (int r = 0; r < R; r++) {
-            const vec16 dot = v_add(v_add(a[r][0], a[r][1]), v_add(a[r][2], a[r][3]));
-            acc[r] = v_fma(sc, dot, v_fma_s(xsum[r * G + g], zp, acc[r]));
-        }
+        for (int r = 0; r < R; r++)
+            acc[r] = v_fma(sc, v_add(a[r][0], a[r][1]), v_fma_s(xsum[r * G + g], zp, acc[r]));
     }
     for (int r = 0; r < R; r++) store_tile(out + r * N, acc[r], n_valid);
 }
@@ -212,22 +207,18 @@ ALWAYS_INLINE void q8_rows(const float *x, int64_t K, int64_t G, const int8_t *w
     for (int r = 0; r < R; r++) acc[r] = v_zero();
     for (int64_t g = 0; g < G; g++) {
         const int8_t *p = w + g * 32 * TILE;
-        vec16 a[ROW_BLOCK][4];
-        for (int r = 0; r < R; r++) a[r][0] = a[r][1] = a[r][2] = a[r][3] = v_zero();
-        for (int k = 0; k < 32; k += 4) {
+        vec16 a[ROW_BLOCK][2];
+        for (int r = 0; r < R; r++) a[r][0] = a[r][1] = v_zero();
+        for (int k = 0; k < 32; k += 2) {
             const vec16 q0 = v_int8(p + k * TILE), q1 = v_int8(p + (k + 1) * TILE);
-            const vec16 q2 = v_int8(p + (k + 2) * TILE), q3 = v_int8(p + (k + 3) * TILE);
             for (int r = 0; r < R; r++) {
                 const float *xr = x + r * K + g * 32 + k;
                 a[r][0] = v_fma_s(xr[0], q0, a[r][0]);
                 a[r][1] = v_fma_s(xr[1], q1, a[r][1]);
-                a[r][2] = v_fma_s(xr[2], q2, a[r][2]);
-                a[r][3] = v_fma_s(xr[3], q3, a[r][3]);
             }
         }
         const vec16 sc = v_load(scale + g * TILE);
-        for (int r = 0; r < R; r++)
-            acc[r] = v_fma(sc, v_add(v_add(a[r][0], a[r][1]), v_add(a[r][2], a[r][3])), acc[r]);
+        for (int r = 0; r < R; r++) acc[r] = v_fma(sc, v_add(a[r][0], a[r][1]), acc[r]);
     }
     for (int r = 0; r < R; r++) store_tile(out + r * N, acc[r], n_valid);
 }
@@ -248,7 +239,11 @@ void llm_q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *w, const
                 case 1: q4_rows(xr, K, G, wt, st, zt, xs, 1, o, N, n_valid); break;
                 case 2: q4_rows(xr, K, G, wt, st, zt, xs, 2, o, N, n_valid); break;
                 case 3: q4_rows(xr, K, G, wt, st, zt, xs, 3, o, N, n_valid); break;
-                default: q4_rows(xr, K, G, wt, st, zt, xs, 4, o, N, n_valid); break;
+                case 4: q4_rows(xr, K, G, wt, st, zt, xs, 4, o, N, n_valid); break;
+                case 5: q4_rows(xr, K, G, wt, st, zt, xs, 5, o, N, n_valid); break;
+                case 6: q4_rows(xr, K, G, wt, st, zt, xs, 6, o, N, n_valid); break;
+                case 7: q4_rows(xr, K, G, wt, st, zt, xs, 7, o, N, n_valid); break;
+                default: q4_rows(xr, K, G, wt, st, zt, xs, 8, o, N, n_valid); break;
             }
         }
     }
@@ -269,7 +264,11 @@ void llm_q8_matmul(const float *x, int64_t M, int64_t K, const int8_t *w, const 
                 case 1: q8_rows(xr, K, G, wt, st, 1, o, N, n_valid); break;
                 case 2: q8_rows(xr, K, G, wt, st, 2, o, N, n_valid); break;
                 case 3: q8_rows(xr, K, G, wt, st, 3, o, N, n_valid); break;
-                default: q8_rows(xr, K, G, wt, st, 4, o, N, n_valid); break;
+                case 4: q8_rows(xr, K, G, wt, st, 4, o, N, n_valid); break;
+                case 5: q8_rows(xr, K, G, wt, st, 5, o, N, n_valid); break;
+                case 6: q8_rows(xr, K, G, wt, st, 6, o, N, n_valid); break;
+                case 7: q8_rows(xr, K, G, wt, st, 7, o, N, n_valid); break;
+                default: q8_rows(xr, K, G, wt, st, 8, o, N, n_valid); break;
             }
         }
     }

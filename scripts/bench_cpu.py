@@ -5,7 +5,7 @@ single-stream `generate`, same model, same prompts, same run. Prints a markdown 
     .venv/bin/python scripts/bench_cpu.py [--input-len 128] [--output-len 64] [--no-cpu-kernels]
 
 Both run the same GGUF. HF dequantizes it to float32 weights; our engine by default multiplies the file's
-own 4/8-bit weights with float32 activations (kernels/cpu_kernels.c, up to 32 rows a step);
+own 4/8-bit weights with float32 activations (kernels/cpu_kernels.c, up to 64 rows a step);
 --no-cpu-kernels runs it on float32 weights with torch ops only, as HF does.
 """
 from __future__ import annotations

@@ -15,11 +15,12 @@ from kernels.cpu_quant import quant_matmul
 
 # Up to this many rows a projection with packed quantized weights runs the quantized CPU kernel; more
 # rows (prefill chunks, big decode batches) run float32 sgemm, whose per-row cost is lower once the
-# weight reads amortize. Measured on the 2-core dev CPU (decode step, default model): 1 row 19.6 ms
-# against 31 ms, 8 rows 38 against 69, 32 rows 112 against 117, 64 rows 218 against 202.
+# weight reads amortize. Measured on the 2-core dev CPU (decode step of the default model, other C kernels
+# on): 32 rows 87 ms against 95 ms with float32 sgemm, 64 rows 150 against 159; 1 row 12 ms against 31 ms
+# with torch alone.
 # NOTE: the kernel computes each row alike at any batch size, so decode batches up to this size give a
 # sequence the same numbers whatever its batch mates.
-QUANT_MAX_ROWS = 32
+QUANT_MAX_ROWS = 64
 
 
 def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
