@@ -163,3 +163,20 @@ def test_silu_and_mul_matches_twin(lib: ctypes.CDLL, rows: int, size: int) -> No
     out = torch.empty(rows, size)
     lib.llm_silu_and_mul(x.data_ptr(), rows, size, out.data_ptr())
     torch.testing.assert_close(out, reference.silu_and_mul(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("env, reason", [({"LLM_CPU_KERNELS": "0"}, "LLM_CPU_KERNELS=0"),
+                                         ({"CC": "/nonexistent/cc"}, "/nonexistent/cc")])
+def test_without_the_kernels_the_cpu_runs_the_twins(tmp_path: Path, env: dict, reason: str) -> None:
+    """No compiler (or switched off): the op set is the torch twins and the loader keeps float32 weights."""
+    import os
+    import subprocess
+    import sys
+    code = ("from kernels import cpu_build, get_ops, reference\n"
+            "assert cpu_build.load_library() is None and get_ops('cpu') is reference\n"
+            "print(cpu_build.load_error)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "LLM_HOME": str(tmp_path), **env},
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    assert reason in out.stdout
