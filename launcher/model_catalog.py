@@ -188,14 +188,18 @@ def _describe_folder(folder: Path, name: str, provider: str) -> list[LocalModel]
 
 
 def list_llm_models() -> list[LocalModel]:
-    """Models in our cache: models_dir()/<org>--<name>/ holding GGUF files or safetensors."""
+    """Models in our cache, models_dir()/<org>--<name>/ holding GGUF files or safetensors, and in the
+    packaged build the models shipped inside it (same layout under its models/ folder)."""
+    import sys
     from launcher.weights import models_dir
-    root = models_dir()
-    if not root.is_dir():
-        return []
+    roots = [models_dir()]
+    if getattr(sys, "_MEIPASS", None):
+        roots.append(Path(sys._MEIPASS) / "models")
     models = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        models += _describe_folder(folder, folder.name.replace("--", "/", 1), "llm")
+    for root in roots:
+        if root.is_dir():
+            for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+                models += _describe_folder(folder, folder.name.replace("--", "/", 1), "llm")
     return models
 
 

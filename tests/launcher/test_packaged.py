@@ -37,7 +37,9 @@ def test_cli_answers(clean_env):
     assert out.returncode == 0 and "serve" in out.stdout, out.stderr
     out = subprocess.run([EXE, "list", "--json"], capture_output=True, text=True, env=clean_env, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "default" in {p["name"] for p in json.loads(out.stdout)["profiles"]}
+    listing = json.loads(out.stdout)
+    assert "default" in {p["name"] for p in listing["profiles"]}
+    assert "HuggingFaceTB/SmolLM2-135M-Instruct" in {m["name"] for m in listing["models"]}   # the bundled one
 
 
 def test_is_offline_by_default(clean_env):
