@@ -168,9 +168,10 @@ def dequantize(raw: torch.Tensor, qtype: int, shape: tuple[int, ...], dtype: tor
     return out.to(dtype).reshape(shape)
 
 
-# -- integer form, for the quantized CPU kernel (kernels/cpu_quant.c) --------------------------------
-# Each returns (q [n_blocks, elements], scale and zero [n_blocks, elements / 32]) with
-# dequantized == scale * q + zero per 32 elements, the same values the float path computes.
+# -- integer form, for the quantized CPU kernel (kernels/cpu_kernels.c) --------------------------------
+# Each returns (q [n_blocks, elements], scale and zero [n_blocks, elements / group]) with
+# dequantized == scale * q + zero per group, the same values the float path computes. 5- and 6-bit
+# values are widened to int8 (the 8-bit kernel), 4-bit ones packed two to a byte.
 
 def _split_q4_0(b: torch.Tensor):
     d = _f16(b, 0)
@@ -186,21 +187,45 @@ def _split_q4_k(b: torch.Tensor):
     return _nibbles(b[:, 16:], 32), _f16(b, 0) * sc, -(_f16(b, 2) * mn)
 
 
+def _split_q5_0(b: torch.Tensor):
+    q = _nibbles(b[:, 6:], 16) | (_u32_bits(b[:, 2:6]) << 4)
+    return (q.to(torch.int16) - 16).to(torch.int8), _f16(b, 0), None
+
+
+def _split_q5_1(b: torch.Tensor):
+    q = _nibbles(b[:, 8:], 16) | (_u32_bits(b[:, 4:8]) << 4)
+    return q.to(torch.int8), _f16(b, 0), _f16(b, 2)
+
+
+def _split_q5_k(b: torch.Tensor):
+    sc, mn = _k_scale_min(b[:, 4:16])
+    q = _nibbles(b[:, 48:], 32) | (_bits(b[:, 16:48], 32, 1) << 4)
+    return q.to(torch.int8), _f16(b, 0) * sc, -(_f16(b, 2) * mn)
+
+
+def _split_q6_k(b: torch.Tensor):
+    scales = b[:, 192:208].contiguous().view(torch.int8).float()
+    q = _nibbles(b[:, :128], 64) | (_bits(b[:, 128:192], 32, 2) << 4)
+    return (q.to(torch.int16) - 32).to(torch.int8), _f16(b, 208) * scales, None
+
+
 def _split_q8_0(b: torch.Tensor):
     return b[:, 2:].contiguous().view(torch.int8), _f16(b, 0), None
 
 
-_BLOCK_SPLIT = {QT.Q4_0: (_split_q4_0, 4), QT.Q4_1: (_split_q4_1, 4), QT.Q4_K: (_split_q4_k, 4),
-                QT.Q8_0: (_split_q8_0, 8)}
+# GGML type -> (split, bits the kernel reads, inputs per group)
+_BLOCK_SPLIT = {QT.Q4_0: (_split_q4_0, 4, 32), QT.Q4_1: (_split_q4_1, 4, 32), QT.Q4_K: (_split_q4_k, 4, 32),
+                QT.Q5_0: (_split_q5_0, 8, 32), QT.Q5_1: (_split_q5_1, 8, 32), QT.Q5_K: (_split_q5_k, 8, 32),
+                QT.Q6_K: (_split_q6_k, 8, 16), QT.Q8_0: (_split_q8_0, 8, 32)}
 
 
 def split_quantized(raw: torch.Tensor, qtype: int, shape: tuple[int, ...]) -> QuantizedTensor | None:
-    """A 2-D tensor's bytes as integers and per-32-element scales; None for types the kernel lacks."""
+    """A 2-D tensor's bytes as integers and per-group scales; None for types the kernel lacks."""
     if int(qtype) not in _BLOCK_SPLIT or len(shape) != 2:
         return None
-    split, bits = _BLOCK_SPLIT[QT(qtype)]
+    split, bits, group = _BLOCK_SPLIT[QT(qtype)]
     block_size, type_size = GGML_QUANT_SIZES[QT(qtype)]
     n, k = (int(s) for s in shape)
     q, scale, zero = split(raw.reshape(-1, type_size))
-    scale = scale.reshape(n, k // 32)
-    return QuantizedTensor(q.reshape(n, k), scale, None if zero is None else zero.reshape(n, k // 32), bits)
+    return QuantizedTensor(q.reshape(n, k), scale.reshape(n, k // group),
+                           None if zero is None else zero.reshape(n, k // group), bits, group)

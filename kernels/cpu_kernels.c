@@ -2,14 +2,14 @@
  *
  * 1. Matrix products straight from GGUF block-quantized weights (twin: cpu_quant.quant_matmul_twin).
  *
- * out[M, N] = x[M, K] @ W^T where row n of W, in groups of 32 inputs, is scale * q + zero (4-bit q in
- * 0..15: Q4_0, Q4_1, Q4_K) or scale * q (signed 8-bit q: Q8_0). Activations and sums stay float32;
+ * out[M, N] = x[M, K] @ W^T where row n of W, in groups of inputs, is scale * q + zero: 4-bit q in 0..15
+ * (Q4_0, Q4_1, Q4_K) or signed 8-bit q (Q8_0; Q5_0, Q5_1, Q5_K and Q6_K widened). Activations and sums stay float32;
  * only the weights are small, so a decode step reads ~5x fewer bytes than with float32 weights.
  *
  * Packed layouts (built by kernels/cpu_quant.py), tiles of 16 outputs so one step feeds 16 lanes:
  *   q4: w[tiles, G, 16, 16] uint8: byte [t, g, p, i] = q[16t+i, 32g+2p] | q[16t+i, 32g+2p+1] << 4
- *   q8: w[tiles, G, 32, 16] int8:  [t, g, k, i] = q[16t+i, 32g+k]
- *   scale, zero: [tiles, G, 16] float32 (rows past N are zero).
+ *   q8: w[tiles, G, GS, 16] int8:  [t, g, k, i] = q[16t+i, GS*g+k], groups of GS = 32 (16 for Q6_K)
+ *   scale, zero: [tiles, G, 16] float32 (rows past N are zero; zero optional for q8).
  * Per group: dot = sum_k x[k] * q[k]; acc += scale * dot + zero * sum_k x[k]. Each row's result is
  * computed in the same order whatever M is, so a sequence gets the same numbers alone or batched.
  * 2. Paged decode attention and RMSNorm (twins in kernels/reference.py), which in torch cost more in
@@ -161,13 +161,13 @@ static inline void store_tile(float *dst, vec16 acc, int64_t n_valid) {
     memcpy(dst, tmp, (size_t)n_valid * sizeof(float));
 }
 
-/* sum of each 32-input group of each row: [M, G] */
-static void group_sums(const float *x, int64_t M, int64_t K, float *xsum) {
-    const int64_t G = K / 32;
+/* sum of each GS-input group of each row: [M, K / GS] */
+static void group_sums(const float *x, int64_t M, int64_t K, int64_t GS, float *xsum) {
+    const int64_t G = K / GS;
     for (int64_t r = 0; r < M; r++)
         for (int64_t g = 0; g < G; g++) {
             float s = 0.0f;
-            for (int j = 0; j < 32; j++) s += x[r * K + g * 32 + j];
+            for (int64_t j = 0; j < GS; j++) s += x[r * K + g * GS + j];
             xsum[r * G + g] = s;
         }
 }
@@ -201,24 +201,31 @@ ALWAYS_INLINE void q4_rows(const float *x, int64_t K, int64_t G, const uint8_t *
     for (int r = 0; r < R; r++) store_tile(out + r * N, acc[r], n_valid);
 }
 
-ALWAYS_INLINE void q8_rows(const float *x, int64_t K, int64_t G, const int8_t *w, const float *scale,
-                           const int R, float *out, int64_t N, int64_t n_valid) {
+ALWAYS_INLINE void q8_rows(const float *x, int64_t K, int64_t G, int64_t GS, const int8_t *w, const float *scale,
+                           const float *zero, const float *xsum, const int R, float *out, int64_t N,
+                           int64_t n_valid) {
     vec16 acc[ROW_BLOCK];
     for (int r = 0; r < R; r++) acc[r] = v_zero();
     for (int64_t g = 0; g < G; g++) {
-        const int8_t *p = w + g * 32 * TILE;
+        const int8_t *p = w + g * GS * TILE;
         vec16 a[ROW_BLOCK][2];
         for (int r = 0; r < R; r++) a[r][0] = a[r][1] = v_zero();
-        for (int k = 0; k < 32; k += 2) {
+        for (int64_t k = 0; k < GS; k += 2) {
             const vec16 q0 = v_int8(p + k * TILE), q1 = v_int8(p + (k + 1) * TILE);
             for (int r = 0; r < R; r++) {
-                const float *xr = x + r * K + g * 32 + k;
+                const float *xr = x + r * K + g * GS + k;
                 a[r][0] = v_fma_s(xr[0], q0, a[r][0]);
                 a[r][1] = v_fma_s(xr[1], q1, a[r][1]);
             }
         }
         const vec16 sc = v_load(scale + g * TILE);
-        for (int r = 0; r < R; r++) acc[r] = v_fma(sc, v_add(a[r][0], a[r][1]), acc[r]);
+        if (zero) {
+            const vec16 zp = v_load(zero + g * TILE);
+            for (int r = 0; r < R; r++)
+                acc[r] = v_fma(sc, v_add(a[r][0], a[r][1]), v_fma_s(xsum[r * G + g], zp, acc[r]));
+        } else {
+            for (int r = 0; r < R; r++) acc[r] = v_fma(sc, v_add(a[r][0], a[r][1]), acc[r]);
+        }
     }
     for (int r = 0; r < R; r++) store_tile(out + r * N, acc[r], n_valid);
 }
@@ -226,7 +233,7 @@ ALWAYS_INLINE void q8_rows(const float *x, int64_t K, int64_t G, const int8_t *w
 void llm_q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *w, const float *scale,
                    const float *zero, int64_t N, float *out, float *xsum) {
     const int64_t G = K / 32, tiles = (N + TILE - 1) / TILE;
-    group_sums(x, M, K, xsum);
+    group_sums(x, M, K, 32, xsum);
     #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < tiles; t++) {
         const int64_t n_valid = N - t * TILE < TILE ? N - t * TILE : TILE;
@@ -249,26 +256,29 @@ void llm_q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *w, const
     }
 }
 
+/* 8-bit weights (Q8_0, and the 5/6-bit types widened to int8): groups of GS = 32 or 16 inputs (Q6_K);
+   zero may be NULL (then xsum is unused). Layout w[tiles, K / GS, GS, 16]. */
 void llm_q8_matmul(const float *x, int64_t M, int64_t K, const int8_t *w, const float *scale,
-                   int64_t N, float *out) {
-    const int64_t G = K / 32, tiles = (N + TILE - 1) / TILE;
+                   const float *zero, int64_t GS, int64_t N, float *out, float *xsum) {
+    const int64_t G = K / GS, tiles = (N + TILE - 1) / TILE;
+    if (zero) group_sums(x, M, K, GS, xsum);
     #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < tiles; t++) {
         const int64_t n_valid = N - t * TILE < TILE ? N - t * TILE : TILE;
-        const int8_t *wt = w + t * G * 32 * TILE;
-        const float *st = scale + t * G * TILE;
+        const int8_t *wt = w + t * G * GS * TILE;
+        const float *st = scale + t * G * TILE, *zt = zero ? zero + t * G * TILE : NULL;
         for (int64_t r0 = 0; r0 < M; r0 += ROW_BLOCK) {
-            const float *xr = x + r0 * K;
+            const float *xr = x + r0 * K, *xs = xsum + r0 * G;
             float *o = out + r0 * N + t * TILE;
             switch (M - r0 < ROW_BLOCK ? (int)(M - r0) : ROW_BLOCK) {
-                case 1: q8_rows(xr, K, G, wt, st, 1, o, N, n_valid); break;
-                case 2: q8_rows(xr, K, G, wt, st, 2, o, N, n_valid); break;
-                case 3: q8_rows(xr, K, G, wt, st, 3, o, N, n_valid); break;
-                case 4: q8_rows(xr, K, G, wt, st, 4, o, N, n_valid); break;
-                case 5: q8_rows(xr, K, G, wt, st, 5, o, N, n_valid); break;
-                case 6: q8_rows(xr, K, G, wt, st, 6, o, N, n_valid); break;
-                case 7: q8_rows(xr, K, G, wt, st, 7, o, N, n_valid); break;
-                default: q8_rows(xr, K, G, wt, st, 8, o, N, n_valid); break;
+                case 1: q8_rows(xr, K, G, GS, wt, st, zt, xs, 1, o, N, n_valid); break;
+                case 2: q8_rows(xr, K, G, GS, wt, st, zt, xs, 2, o, N, n_valid); break;
+                case 3: q8_rows(xr, K, G, GS, wt, st, zt, xs, 3, o, N, n_valid); break;
+                case 4: q8_rows(xr, K, G, GS, wt, st, zt, xs, 4, o, N, n_valid); break;
+                case 5: q8_rows(xr, K, G, GS, wt, st, zt, xs, 5, o, N, n_valid); break;
+                case 6: q8_rows(xr, K, G, GS, wt, st, zt, xs, 6, o, N, n_valid); break;
+                case 7: q8_rows(xr, K, G, GS, wt, st, zt, xs, 7, o, N, n_valid); break;
+                default: q8_rows(xr, K, G, GS, wt, st, zt, xs, 8, o, N, n_valid); break;
             }
         }
     }

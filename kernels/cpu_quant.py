@@ -20,15 +20,17 @@ GROUP = 32    # inputs per scale/zero group
 
 @dataclass(frozen=True, slots=True)
 class QuantizedTensor:
-    """A weight [N, K] as integers and per-32-input-group affine terms: w = scale * q (+ zero)."""
+    """A weight [N, K] as integers and per-group affine terms: w = scale * q (+ zero), groups of `group`
+    inputs (32; 16 for Q6_K)."""
     q: torch.Tensor               # [N, K] uint8 in 0..15 (bits=4) or int8 (bits=8)
-    scale: torch.Tensor           # [N, K/32] float32
-    zero: torch.Tensor | None     # [N, K/32] float32 (4-bit only; None means 0)
+    scale: torch.Tensor           # [N, K/group] float32
+    zero: torch.Tensor | None     # [N, K/group] float32 (None means 0)
     bits: int
+    group: int = GROUP
 
     def dequantize(self) -> torch.Tensor:
         n, k = self.q.shape
-        w = self.q.float().view(n, k // GROUP, GROUP) * self.scale[..., None]
+        w = self.q.float().view(n, k // self.group, self.group) * self.scale[..., None]
         if self.zero is not None:
             w = w + self.zero[..., None]
         return w.view(n, k)
@@ -36,22 +38,25 @@ class QuantizedTensor:
 
 def cat_rows(parts: list[QuantizedTensor]) -> QuantizedTensor:
     """Stack weights along the output dimension (fused q/k/v, gate/up)."""
-    bits = {p.bits for p in parts}
-    assert len(bits) == 1, "fused shards must share one quantization width"
-    zeros = [p.zero if p.zero is not None else torch.zeros_like(p.scale) for p in parts]
-    return QuantizedTensor(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]),
-                           torch.cat(zeros) if parts[0].bits == 4 else None, bits.pop())
+    kinds = {(p.bits, p.group) for p in parts}
+    assert len(kinds) == 1, "fused shards must share one quantization width and group size"
+    bits, group = kinds.pop()
+    zero = None
+    if any(p.zero is not None for p in parts):
+        zero = torch.cat([p.zero if p.zero is not None else torch.zeros_like(p.scale) for p in parts])
+    return QuantizedTensor(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), zero, bits, group)
 
 
 @dataclass(frozen=True, slots=True)
 class PackedWeight:
     """A weight in the kernel's tiled layout (see the header of kernels/cpu_kernels.c)."""
-    data: torch.Tensor            # q4: [tiles, G, 16, 16] uint8 (two inputs per byte); q8: [tiles, G, 32, 16] int8
+    data: torch.Tensor            # q4: [tiles, G, 16, 16] uint8 (two inputs per byte); q8: [tiles, G, group, 16] int8
     scale: torch.Tensor           # [tiles, G, 16] float32
-    zero: torch.Tensor | None     # [tiles, G, 16] float32, q4 only
+    zero: torch.Tensor | None     # [tiles, G, 16] float32 (always for q4; optional for q8)
     bits: int
     out_features: int            # N (rows past N in the last tile are padding)
     in_features: int             # K
+    group: int = GROUP           # inputs per scale/zero group
 
     @property
     def num_bytes(self) -> int:
@@ -66,34 +71,39 @@ def _tiles(t: torch.Tensor, n: int) -> torch.Tensor:
     return t.view(-1, TILE, *t.shape[1:])
 
 
+def _group_major(t: torch.Tensor, n: int) -> torch.Tensor:
+    """[N, G] -> [tiles, G, 16] float32."""
+    return _tiles(t.float(), n).transpose(1, 2).contiguous()
+
+
 def pack(w: QuantizedTensor) -> PackedWeight:
     n, k = w.q.shape
-    assert k % GROUP == 0, f"input size {k} is not a multiple of {GROUP}"
-    g = k // GROUP
-    scale = _tiles(w.scale.float(), n).transpose(1, 2).contiguous()           # [tiles, G, 16]
-    zero = None
+    assert k % w.group == 0, f"input size {k} is not a multiple of the group size {w.group}"
+    g = k // w.group
+    zero = None if w.zero is None else _group_major(w.zero, n)
     if w.bits == 4:
+        assert w.group == GROUP and w.q.dtype == torch.uint8
         q = _tiles(w.q, n).view(-1, TILE, g, GROUP // 2, 2)                    # [tiles, 16, G, 16, 2]
         data = (q[..., 0] | (q[..., 1] << 4)).permute(0, 2, 3, 1).contiguous()  # [tiles, G, 16, 16]
-        z = w.zero if w.zero is not None else torch.zeros_like(w.scale)
-        zero = _tiles(z.float(), n).transpose(1, 2).contiguous()
+        if zero is None:
+            zero = torch.zeros_like(_group_major(w.scale, n))
     else:
-        assert w.bits == 8 and w.q.dtype == torch.int8
-        data = _tiles(w.q, n).view(-1, TILE, g, GROUP).permute(0, 2, 3, 1).contiguous()  # [tiles, G, 32, 16]
-    return PackedWeight(data, scale, zero, w.bits, n, k)
+        assert w.bits == 8 and w.q.dtype == torch.int8 and w.group % 2 == 0
+        data = _tiles(w.q, n).view(-1, TILE, g, w.group).permute(0, 2, 3, 1).contiguous()  # [tiles, G, group, 16]
+    return PackedWeight(data, _group_major(w.scale, n), zero, w.bits, n, k, w.group)
 
 
 def unpack(w: PackedWeight) -> QuantizedTensor:
     """The inverse of `pack` (the twin and the tests read weights back through it)."""
-    n, k = w.out_features, w.in_features
-    scale = w.scale.transpose(1, 2).reshape(-1, k // GROUP)[:n]
+    n, k, g = w.out_features, w.in_features, w.in_features // w.group
+    scale = w.scale.transpose(1, 2).reshape(-1, g)[:n]
+    zero = None if w.zero is None else w.zero.transpose(1, 2).reshape(-1, g)[:n]
     if w.bits == 4:
         d = w.data.permute(0, 3, 1, 2)                                          # [tiles, 16, G, 16]
         q = torch.stack([d & 15, d >> 4], dim=-1).reshape(-1, k)[:n]
-        zero = w.zero.transpose(1, 2).reshape(-1, k // GROUP)[:n]
         return QuantizedTensor(q, scale, zero, 4)
     q = w.data.permute(0, 3, 1, 2).reshape(-1, k)[:n]
-    return QuantizedTensor(q, scale, None, 8)
+    return QuantizedTensor(q, scale, zero, 8, w.group)
 
 
 def quant_matmul(x: torch.Tensor, w: PackedWeight, lib: ctypes.CDLL | None = None) -> torch.Tensor:
@@ -106,13 +116,14 @@ def quant_matmul(x: torch.Tensor, w: PackedWeight, lib: ctypes.CDLL | None = Non
     out = torch.empty((m, w.out_features), dtype=torch.float32)
     if m == 0:
         return out
+    xsum = torch.empty((m, w.in_features // w.group), dtype=torch.float32)   # per-group input sums (zeros)
+    zero = None if w.zero is None else w.zero.data_ptr()
     if w.bits == 4:
-        xsum = torch.empty((m, w.in_features // GROUP), dtype=torch.float32)
-        lib.llm_q4_matmul(x.data_ptr(), m, w.in_features, w.data.data_ptr(), w.scale.data_ptr(),
-                          w.zero.data_ptr(), w.out_features, out.data_ptr(), xsum.data_ptr())
+        lib.llm_q4_matmul(x.data_ptr(), m, w.in_features, w.data.data_ptr(), w.scale.data_ptr(), zero,
+                          w.out_features, out.data_ptr(), xsum.data_ptr())
     else:
-        lib.llm_q8_matmul(x.data_ptr(), m, w.in_features, w.data.data_ptr(), w.scale.data_ptr(),
-                          w.out_features, out.data_ptr())
+        lib.llm_q8_matmul(x.data_ptr(), m, w.in_features, w.data.data_ptr(), w.scale.data_ptr(), zero,
+                          w.group, w.out_features, out.data_ptr(), xsum.data_ptr())
     return out
 
 

@@ -88,7 +88,7 @@ class KernelsSection:
     autotune: bool = _key(True, "tune kernel configs for this GPU at startup (cached)", "bool")
     cache_dir: str | None = _key(None, "where tuned configs are kept; unset: $LLM_HOME/autotune", "path")
     cpu_kernels: bool = _key(True, "on CPU, C kernels compiled once with the system's cc: GGUF "
-                             "Q4_0/Q4_1/Q4_K/Q8_0 weights multiplied in packed form (batches up to 64 "
+                             "Q4_x/Q5_x/Q6_K/Q8_0 weights multiplied in packed form (batches up to 64 "
                              "rows), paged decode attention, RMSNorm, rotary, SiLU-mul; false: torch ops, "
                              "float32 weights",
                              "bool")

@@ -96,14 +96,16 @@ def test_wrong_byte_count_or_row_length() -> None:
         dequantize(torch.zeros(34, dtype=torch.uint8), QT.Q8_0, (2, 16), torch.float32)
 
 
-@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q8_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q5_0, QT.Q5_1, QT.Q5_K, QT.Q6_K, QT.Q8_0],
+                         ids=lambda t: t.name)
 def test_split_quantized_is_the_same_weight(qtype: QT) -> None:
-    """The integer form the CPU kernel reads (scale * q + zero per 32 inputs) holds the dequantized values."""
+    """The integer form the CPU kernel reads (scale * q + zero per group) holds the dequantized values."""
     shape = (7, 512)
     raw = torch.from_numpy(random_blocks(qtype, shape, np.random.default_rng(int(qtype))))
     w = split_quantized(raw, qtype, shape)
-    assert w is not None and w.q.shape == shape and w.scale.shape == (7, 16)
-    assert w.bits == (8 if qtype == QT.Q8_0 else 4)
+    group = 16 if qtype == QT.Q6_K else 32
+    assert w is not None and w.q.shape == shape and w.group == group and w.scale.shape == (7, 512 // group)
+    assert w.bits == (4 if qtype in (QT.Q4_0, QT.Q4_1, QT.Q4_K) else 8)
     assert w.q.dtype == (torch.int8 if w.bits == 8 else torch.uint8)
     if w.bits == 4:
         assert int(w.q.max()) <= 15
@@ -115,6 +117,6 @@ def test_split_quantized_is_the_same_weight(qtype: QT) -> None:
 
 
 def test_split_quantized_skips_other_types() -> None:
-    raw = torch.from_numpy(random_blocks(QT.Q6_K, (2, 256), np.random.default_rng(0)))
-    assert split_quantized(raw, QT.Q6_K, (2, 256)) is None
+    raw = torch.from_numpy(random_blocks(QT.Q3_K, (2, 256), np.random.default_rng(0)))
+    assert split_quantized(raw, QT.Q3_K, (2, 256)) is None
     assert split_quantized(torch.zeros(64 * 4, dtype=torch.uint8), QT.F32, (64,)) is None

@@ -21,8 +21,9 @@ def load(path: Path, quantized: bool) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("arch,qtypes", [("llama", [QT.Q4_0]), ("llama", [QT.Q4_1]), ("qwen2", [QT.Q8_0]),
+                                         ("llama", [QT.Q5_0]), ("qwen2", [QT.Q5_1]),
                                          ("llama", [QT.Q4_1, QT.Q8_0, QT.F16])],
-                         ids=["llama-q4_0", "llama-q4_1", "qwen2-q8_0", "llama-mixed"])
+                         ids=["llama-q4_0", "llama-q4_1", "qwen2-q8_0", "llama-q5_0", "qwen2-q5_1", "llama-mixed"])
 def test_packed_weights_equal_float_weights(tmp_path: Path, arch: str, qtypes: list[QT]) -> None:
     path = write_tiny(tmp_path / "m.gguf", arch, bias=arch == "qwen2", matrix_qtypes=qtypes)
     model = load(path, quantized=True)

@@ -17,14 +17,16 @@ pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc
 X86_ARCHES = {"native": ("-march=native",), "avx2": ("-march=x86-64-v3",), "plain": ("-march=x86-64",)}
 
 
-def random_weight(bits: int, n: int, k: int, gen: torch.Generator) -> QuantizedTensor:
-    groups = k // 32
+def random_weight(bits: int, n: int, k: int, gen: torch.Generator, group: int = 32,
+                  with_zero: bool = False) -> QuantizedTensor:
+    groups = k // group
     scale = torch.rand(n, groups, generator=gen) * 0.02 + 0.001
+    zero = (torch.rand(n, groups, generator=gen) - 0.5) * 0.1
     if bits == 4:
         q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
-        return QuantizedTensor(q, scale, (torch.rand(n, groups, generator=gen) - 0.5) * 0.1, 4)
+        return QuantizedTensor(q, scale, zero, 4)
     q = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
-    return QuantizedTensor(q, scale, None, 8)
+    return QuantizedTensor(q, scale, zero if with_zero else None, 8, group)
 
 
 @pytest.fixture(scope="module", params=list(X86_ARCHES) if platform.machine() in ("x86_64", "AMD64") else ["native"])
@@ -38,23 +40,29 @@ def lib(request, tmp_path_factory) -> ctypes.CDLL:
     return cpu_build.bind(path)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+# q8 also carries the 5/6-bit types: with a zero (Q5_1, Q5_K) and with groups of 16 (Q6_K)
+KINDS = {"q4": (4, 32, True), "q8": (8, 32, False), "q8-zero": (8, 32, True), "q8-group16": (8, 16, False)}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("n, k", [(37, 96), (64, 32), (16, 256), (200, 160)])
-def test_matches_twin(lib: ctypes.CDLL, bits: int, n: int, k: int) -> None:
+def test_matches_twin(lib: ctypes.CDLL, kind: str, n: int, k: int) -> None:
+    bits, group, with_zero = KINDS[kind]
     gen = torch.Generator().manual_seed(n * k + bits)
-    w = pack(random_weight(bits, n, k, gen))
-    for m in (1, 3, 4, 5, 9):   # whole and partial row blocks of 4
+    w = pack(random_weight(bits, n, k, gen, group, with_zero))
+    for m in (1, 3, 8, 9, 13):   # whole and partial row blocks of 8
         x = torch.randn(m, k, generator=gen)
         got = quant_matmul(x, w, lib)
         assert got.shape == (m, n) and got.dtype == torch.float32
         torch.testing.assert_close(got, quant_matmul_twin(x, w), rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_rows_do_not_depend_on_batch_mates(lib: ctypes.CDLL, bits: int) -> None:
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_rows_do_not_depend_on_batch_mates(lib: ctypes.CDLL, kind: str) -> None:
     """A sequence's numbers are bit-identical whether its row runs alone or in a batch."""
+    bits, group, with_zero = KINDS[kind]
     gen = torch.Generator().manual_seed(bits)
-    w = pack(random_weight(bits, 48, 128, gen))
+    w = pack(random_weight(bits, 48, 128, gen, group, with_zero))
     x = torch.randn(11, 128, generator=gen)
     batched = quant_matmul(x, w, lib)
     for r in range(11):
@@ -69,10 +77,11 @@ def test_non_contiguous_input_and_empty_batch(lib: ctypes.CDLL) -> None:
     assert quant_matmul(torch.empty(0, 64), w, lib).shape == (0, 32)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_pack_round_trip(bits: int) -> None:
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_pack_round_trip(kind: str) -> None:
+    bits, group, with_zero = KINDS[kind]
     gen = torch.Generator().manual_seed(7)
-    w = random_weight(bits, 37, 96, gen)
+    w = random_weight(bits, 37, 96, gen, group, with_zero)
     packed = pack(w)
     assert packed.data.shape[0] == 3 and (packed.out_features, packed.in_features) == (37, 96)
     back = unpack(packed)
