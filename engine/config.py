@@ -158,3 +158,4 @@ class EngineConfig:
     autotune: bool = True                    # on CUDA: time kernel configs at startup (cached per GPU)
     autotune_cache_dir: str | None = None    # tuned-config cache (None: $LLM_HOME/autotune)
     cpu_kernels: bool = True                 # on CPU: C kernels (kernels/cpu_kernels.c), GGUF 4/8-bit weights packed
+    cpu_float_copies: bool | None = None     # keep float32 copies of packed weights (None: if they fit 1/4 of RAM)

@@ -53,7 +53,8 @@ class EngineCore:
         self.dtype = pick_dtype(config.dtype, self.device)
         max_model_len = _initial_max_model_len(config, model_config)
         self.model = load_model(files, model_config, self.dtype, self.device, max_positions=max_model_len,
-                                cpu_kernels=config.cpu_kernels)
+                                cpu_kernels=config.cpu_kernels,
+                                float_copies=config.cpu_float_copies)
         on_phase("allocating KV cache")
         num_blocks = self._num_kv_blocks(model_config)
         capacity = num_blocks * config.block_size

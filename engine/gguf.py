@@ -159,9 +159,13 @@ class GGUFFile:
         raw = torch.from_numpy(self._data[info.offset:info.offset + info.num_bytes])
         return dequantize(raw, info.qtype, info.shape, dtype)
 
-    def iter_tensors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
-        """(Hugging Face name, tensor in `dtype` with HF's shape), in file order, one tensor at a time."""
+    def iter_tensors(self, dtype: torch.dtype = torch.float32,
+                     skip: set[str] | frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
+        """(Hugging Face name, tensor in `dtype` with HF's shape), in file order, one tensor at a time;
+        names in `skip` are passed over unread."""
         for info, hf_name, heads in self._hf_tensors():
+            if hf_name in skip:
+                continue
             tensor = self._decode(info, dtype)
             yield hf_name, tensor if heads is None else _unpermute_rotary(tensor, heads)
 

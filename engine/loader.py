@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -69,12 +70,12 @@ def load_config(files: ModelFiles) -> ModelConfig:
         raise LoadError(str(e)) from None
 
 
-def iter_weights(files: ModelFiles, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF parameter name, tensor) pairs, converted to `dtype`."""
+def iter_weights(files: ModelFiles, dtype: torch.dtype, skip: set[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF parameter name, tensor) pairs, converted to `dtype`; GGUF tensors named in `skip` are not read."""
     if files.format == "gguf":
         from engine.gguf import GGUFError
         try:
-            yield from gguf_file(files).iter_tensors(dtype)
+            yield from gguf_file(files).iter_tensors(dtype, skip)
         except GGUFError as e:
             raise LoadError(str(e)) from None
         return
@@ -129,13 +130,22 @@ def check_safetensors(path: Path) -> None:
                         f"{8 + header_len + data_end})")
 
 
+# Float32 copies of packed projection weights are kept (prefill chunks run float32 sgemm on them, the
+# fastest way on the CPU) while they take at most this share of the machine's memory; past it the
+# layers keep only the packed weights and every batch runs the quantized kernel (a GGUF whose float32
+# size would not fit in memory still loads).
+FLOAT_COPIES_MAX_MEMORY_SHARE = 0.25
+
+
 def load_model(files: ModelFiles, config: ModelConfig, dtype: torch.dtype, device: torch.device,
-               max_positions: int, cpu_kernels: bool = False) -> torch.nn.Module:
+               max_positions: int, cpu_kernels: bool = False, float_copies: bool | None = None) -> torch.nn.Module:
     """Build the model on `device` in `dtype` and fill it from the checkpoint.
 
     cpu_kernels: on the CPU, run the C kernels (kernels/cpu_kernels.c) where built, and in float32 also
-    pack the GGUF file's 4/8-bit projection weights for them (small batches read those instead of the
+    pack the GGUF file's quantized projection weights for them (small batches read those instead of the
     float32 copies). False: the torch twins and float32 weights only.
+    float_copies: keep float32 copies of the packed decoder-layer weights; None: while they fit in
+    FLOAT_COPIES_MAX_MEMORY_SHARE of the memory.
     """
     from engine.models import model_class
     from engine.models.layers import rope_cos_sin_cache
@@ -143,26 +153,33 @@ def load_model(files: ModelFiles, config: ModelConfig, dtype: torch.dtype, devic
     cls = model_class(config.family)
     with torch.device("meta"):
         model = cls(config, get_ops(device.type, cpu_kernels), max_positions)
+    skipped: set[str] = set()
+    if device.type == "cpu" and cpu_kernels and files.format == "gguf" and dtype == torch.float32:
+        # Packed before the float parameters exist, so that layers left packed-only never allocate them.
+        packed = _pack_quantized(model, files)
+        if packed and not _keep_float_copies(model, packed, float_copies):
+            skipped = _drop_float_weights(model, packed)
+            log.info("float32 copies of %d packed projections not kept (memory): every batch runs packed",
+                     len(packed))
     model = model.to_empty(device=device).to(dtype)
     # Buffers computed at construction (the rotary table) were lost on meta: compute them for real.
     model.cos_sin_cache = rope_cos_sin_cache(config.head_dim, config.rope_theta, config.rope_scaling,
                                              max_positions, _rope_freq_factors(files)).to(device)
     try:
-        model.load_weights(iter_weights(files, dtype), str(files.path))
+        model.load_weights(iter_weights(files, dtype, skip=skipped), str(files.path))
     except ValueError as e:
         raise LoadError(str(e)) from None
     if device.type == "cpu":
         _column_major_projections(model)
-        if cpu_kernels and files.format == "gguf" and dtype == torch.float32:
-            _pack_quantized(model, files)
     return model.eval()
 
 
-def _pack_quantized(model: torch.nn.Module, files: ModelFiles) -> None:
+def _pack_quantized(model: torch.nn.Module, files: ModelFiles) -> list[str]:
+    """Attach packed weights to the (still meta) model; returns the packed decoder-layer module names."""
     from kernels import cpu_build
     if cpu_build.load_library() is None:
         log.warning("CPU kernels unavailable (%s): torch ops and float32 weights", cpu_build.load_error)
-        return
+        return []
     from engine.gguf import GGUFError
     try:
         num_bytes = model.load_quantized(gguf_file(files).iter_quantized())
@@ -170,6 +187,38 @@ def _pack_quantized(model: torch.nn.Module, files: ModelFiles) -> None:
         raise LoadError(str(e)) from None
     if num_bytes:
         log.info("quantized CPU kernel: %.0f MB of packed weights", num_bytes / 2**20)
+    return [name for name, m in model.named_modules()
+            if name.startswith("layers.") and getattr(m, "packed", None) is not None]
+
+
+def _keep_float_copies(model: torch.nn.Module, packed: list[str], wanted: bool | None) -> bool:
+    if wanted is not None:
+        return wanted
+    modules = dict(model.named_modules())
+    float_bytes = sum(modules[name].weight.numel() * 4 for name in packed)
+    return float_bytes <= FLOAT_COPIES_MAX_MEMORY_SHARE * _physical_memory_bytes()
+
+
+def _physical_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62   # unknown: keep the copies
+
+
+def _drop_float_weights(model: torch.nn.Module, packed: list[str]) -> set[str]:
+    """Remove the float weight parameter of each packed decoder-layer projection (linear() then always
+    runs packed); returns the checkpoint names the loader need not read."""
+    from engine.models.llama import FUSED_SHARDS
+    modules = dict(model.named_modules())
+    skipped = set()
+    for name in packed:
+        modules[name].register_parameter("weight", None)
+        short = name.rsplit(".", 1)[-1]
+        shards = [ckpt for ckpt, (fused, _) in FUSED_SHARDS.items() if fused == short] or [short]
+        prefix = name.rsplit(".", 1)[0]
+        skipped.update(f"model.{prefix}.{shard}.weight" for shard in shards)
+    return skipped
 
 
 def _column_major_projections(model: torch.nn.Module) -> None:

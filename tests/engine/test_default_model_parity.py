@@ -62,15 +62,19 @@ def hf_outputs(default_gguf_path, prompts):
     return outputs
 
 
-@pytest.mark.parametrize("cpu_kernels", [True, False], ids=["c-kernels-packed-weights", "torch-float32-weights"])
-def test_greedy_matches_transformers_token_for_token(default_gguf_path, prompts, hf_outputs, cpu_kernels):
+@pytest.mark.parametrize("cpu_kernels,float_copies", [(True, None), (True, False), (False, None)],
+                         ids=["c-kernels-packed-weights", "c-kernels-packed-only", "torch-float32-weights"])
+def test_greedy_matches_transformers_token_for_token(default_gguf_path, prompts, hf_outputs, cpu_kernels,
+                                                     float_copies):
     """Both CPU paths: the C kernels reading the GGUF's own 4/8-bit weights (the default; prefill chunks
     of more than QUANT_MAX_ROWS tokens still use float32 sgemm), and torch ops on float32 weights."""
     assert len(prompts) >= 20
     core = EngineCore(EngineConfig(model=default_gguf_path, kv_cache_gib=0.5, max_model_len=2048,
-                                   cpu_kernels=cpu_kernels))
+                                   cpu_kernels=cpu_kernels, cpu_float_copies=float_copies))
     packed = [getattr(m, "packed", None) for m in (core.model.layers[0].mlp.gate_up_proj, core.model.embed_tokens)]
     assert all(p is not None for p in packed) if cpu_kernels else packed == [None, None]
+    # packed-only: prompts (prefill chunks over 64 tokens) run the quantized kernel too
+    assert (core.model.layers[0].mlp.gate_up_proj.weight is None) == (float_copies is False)
     ours = run_to_completion(core, prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS))
     mismatches = [i for i, ref in enumerate(hf_outputs) if ours[f"r{i}"] != ref]
     assert not mismatches, f"prompts {mismatches} differ from transformers"

@@ -52,3 +52,23 @@ def test_logits_agree_with_float_weights(tmp_path: Path) -> None:
     hidden = torch.randn(4, 256)
     torch.testing.assert_close(quant.compute_logits(hidden), dense.compute_logits(hidden), rtol=1e-4, atol=1e-4)
     assert not hasattr(dense.embed_tokens, "packed")
+
+
+def test_packed_only_layers_match_float_weights(tmp_path: Path) -> None:
+    """Without float32 copies (a GGUF too big for memory as float32) every batch size runs packed, prefill
+    chunks included, and the checkpoint's packed tensors are never dequantized."""
+    path = write_tiny(tmp_path / "m.gguf", "llama", matrix_qtypes=[QT.Q4_1])
+    files = ModelFiles.at(str(path))
+    config = load_config(files)
+    packed_only = load_model(files, config, torch.float32, torch.device("cpu"), max_positions=64,
+                             cpu_kernels=True, float_copies=False)
+    full = load_model(files, config, torch.float32, torch.device("cpu"), max_positions=64, cpu_kernels=True)
+    layer, twin = packed_only.layers[0].mlp, full.layers[0].mlp
+    assert layer.gate_up_proj.weight is None and layer.gate_up_proj.packed is not None
+    assert twin.gate_up_proj.weight is not None
+    assert packed_only.embed_tokens.weight is not None   # lookups need float rows; the lm_head reads it packed
+    for rows in (1, 100):   # a decode batch and a prefill chunk
+        x = torch.randn(rows, 256)
+        with torch.inference_mode():
+            got, want = layer.forward(x), twin.forward(x)
+        assert float((got - want).abs().max() / want.abs().max()) < 1e-5   # float32 rounding, in scale
