@@ -36,11 +36,22 @@ class QuantizedTensor:
         return w.view(n, k)
 
 
+def widen(w: QuantizedTensor, group: int) -> QuantizedTensor:
+    """The same weight as 8-bit integers in groups of `group` inputs (a divisor of w.group); exact."""
+    assert w.group % group == 0
+    repeat = w.group // group
+    scale = w.scale.repeat_interleave(repeat, dim=1)
+    zero = None if w.zero is None else w.zero.repeat_interleave(repeat, dim=1)
+    return QuantizedTensor(w.q.to(torch.int8), scale, zero, 8, group)
+
+
 def cat_rows(parts: list[QuantizedTensor]) -> QuantizedTensor:
-    """Stack weights along the output dimension (fused q/k/v, gate/up)."""
-    kinds = {(p.bits, p.group) for p in parts}
-    assert len(kinds) == 1, "fused shards must share one quantization width and group size"
-    bits, group = kinds.pop()
+    """Stack weights along the output dimension (fused q/k/v, gate/up). Shards of different kinds (Q4_K_M
+    keeps attn_v in Q6_K beside Q4_K q and k) are widened to 8 bits in the smallest group first."""
+    if len({(p.bits, p.group) for p in parts}) > 1:
+        group = min(p.group for p in parts)
+        parts = [widen(p, group) for p in parts]
+    bits, group = parts[0].bits, parts[0].group
     zero = None
     if any(p.zero is not None for p in parts):
         zero = torch.cat([p.zero if p.zero is not None else torch.zeros_like(p.scale) for p in parts])

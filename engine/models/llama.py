@@ -74,8 +74,8 @@ class LlamaForCausalLM(nn.Module):
         for module_name, parts in shards.items():
             module = modules[module_name]
             num_shards = 3 if module_name.endswith("qkv_proj") else 2 if module_name.endswith("gate_up_proj") else 1
-            if len(parts) != num_shards or len({(p.bits, p.group) for p in parts.values()}) != 1:
-                continue  # e.g. a Q6_K shard beside Q4_K ones (Q4_K_M's attn_v): this projection stays float32
+            if len(parts) != num_shards:
+                continue  # a shard of a type the kernel lacks (F16, Q3_K ...): this projection stays float32
             packed = pack(cat_rows([parts[i] for i in range(num_shards)]))
             if (packed.out_features, packed.in_features) != tuple(module.weight.shape):
                 raise ValueError(f"quantized {module_name} has shape {(packed.out_features, packed.in_features)}, "

@@ -189,3 +189,14 @@ def test_without_the_kernels_the_cpu_runs_the_twins(tmp_path: Path, env: dict, r
                          cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr
     assert reason in out.stdout
+
+
+def test_mixed_shards_widen_to_one_exact_weight() -> None:
+    """Q4_K_M fuses Q4_K q/k (4-bit, groups of 32) with a Q6_K v (8-bit, groups of 16): one 8-bit weight."""
+    from kernels.cpu_quant import cat_rows
+    gen = torch.Generator().manual_seed(3)
+    q4, q6 = random_weight(4, 24, 64, gen), random_weight(8, 8, 64, gen, group=16)
+    fused = cat_rows([q4, q6, q4])
+    assert (fused.bits, fused.group) == (8, 16) and fused.zero is not None
+    assert torch.equal(fused.dequantize(), torch.cat([q4.dequantize(), q6.dequantize(), q4.dequantize()]))
+    assert torch.equal(unpack(pack(fused)).dequantize(), fused.dequantize())
