@@ -55,9 +55,19 @@ class AsyncEngineClient:
             try:
                 msg = self._process.recv()
             except (EOFError, OSError):
-                self._loop.call_soon_threadsafe(self._on_dead)
+                self._notify(self._on_dead)
                 return
-            self._loop.call_soon_threadsafe(self._dispatch, msg)
+            if not self._notify(self._dispatch, msg):
+                return
+
+    def _notify(self, callback, *args) -> bool:
+        """Hand work to the event loop; False once the loop has closed (the server is shutting down and
+        the engine process's pipe closing with it is expected, not news for anyone)."""
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+            return True
+        except RuntimeError:
+            return False
 
     def _dispatch(self, msg) -> None:
         kind = msg[0]
