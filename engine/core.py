@@ -168,11 +168,7 @@ class EngineCore:
         if (params.best_of and params.best_of > params.n) or seq.seq_id not in self._seq_owner:
             return []
         self.scheduler.abort(seq.seq_id)
-        self._seq_owner.pop(seq.seq_id, None)
-        state.num_finished += 1
-        if state.num_finished == len(state.seqs):
-            del self.requests[request_id]
-            self.num_requests_finished += 1
+        self._sample_done(request_id, state, seq)
         return [TokenOutput(request_id, index, [], finish_reason="stop", num_prompt_tokens=seq.num_prompt_tokens,
                             num_cached_tokens=seq.num_cached_tokens)]
 
@@ -283,12 +279,16 @@ class EngineCore:
                 stop_token_id=seq.stop_token_id,
                 num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens))
             if finished:
-                self._seq_owner.pop(seq.seq_id, None)
-                state.num_finished += 1
-                if state.num_finished == len(state.seqs):
-                    del self.requests[rid]
-                    self.num_requests_finished += 1
+                self._sample_done(rid, state, seq)
         return outputs
+
+    def _sample_done(self, rid: str, state: _RequestState, seq: Sequence) -> None:
+        """One sample finished (its last output is sent): forget it, and the request once all are done."""
+        self._seq_owner.pop(seq.seq_id, None)
+        state.num_finished += 1
+        if state.num_finished == len(state.seqs):
+            del self.requests[rid]
+            self.num_requests_finished += 1
 
     def _finish_best_of(self, rid: str, state: _RequestState) -> list[TokenOutput]:
         order = sorted(range(len(state.seqs)), key=lambda i: -state.cumulative_logprobs[i])

@@ -127,14 +127,17 @@ def quant_matmul(x: torch.Tensor, w: PackedWeight, lib: ctypes.CDLL | None = Non
     out = torch.empty((m, w.out_features), dtype=torch.float32)
     if m == 0:
         return out
-    xsum = torch.empty((m, w.in_features // w.group), dtype=torch.float32)   # per-group input sums (zeros)
-    zero = None if w.zero is None else w.zero.data_ptr()
+    zero = xsum = None
+    if w.zero is not None:
+        # NOTE: the scratch tensor (per-group input sums for the zero terms) must outlive the call
+        scratch = torch.empty((m, w.in_features // w.group), dtype=torch.float32)
+        zero, xsum = w.zero.data_ptr(), scratch.data_ptr()
     if w.bits == 4:
         lib.llm_q4_matmul(x.data_ptr(), m, w.in_features, w.data.data_ptr(), w.scale.data_ptr(), zero,
-                          w.out_features, out.data_ptr(), xsum.data_ptr())
+                          w.out_features, out.data_ptr(), xsum)
     else:
         lib.llm_q8_matmul(x.data_ptr(), m, w.in_features, w.data.data_ptr(), w.scale.data_ptr(), zero,
-                          w.group, w.out_features, out.data_ptr(), xsum.data_ptr())
+                          w.group, w.out_features, out.data_ptr(), xsum)
     return out
 
 

@@ -23,15 +23,16 @@ from kernels.cpu_quant import quant_matmul
 QUANT_MAX_ROWS = 64
 
 
-def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    """x @ W^T (+ b): the quantized CPU kernel where the loader packed W (layer.packed) and the batch is
-    small or no float32 copy was kept, float32 weights otherwise."""
+def linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """x @ W^T (+ b) for an nn.Linear (or a tied nn.Embedding as the LM head): the quantized CPU kernel
+    where the loader packed W (layer.packed) and the batch is small or no float32 copy was kept, float32
+    weights otherwise."""
     # F.linear on the weights directly: nn.Module.__call__ costs microseconds per call, per layer.
-    packed = getattr(layer, "packed", None)
+    packed, bias = getattr(layer, "packed", None), getattr(layer, "bias", None)
     if packed is not None and (x.shape[0] <= QUANT_MAX_ROWS or layer.weight is None):  # None: packed only
         out = quant_matmul(x, packed)
-        return out if layer.bias is None else out.add_(layer.bias)
-    return F.linear(x, layer.weight, layer.bias)
+        return out if bias is None else out.add_(bias)
+    return F.linear(x, layer.weight, bias)
 
 
 class RMSNorm(nn.Module):

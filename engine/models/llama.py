@@ -9,8 +9,8 @@ from torch import nn
 
 from engine.attention import AttentionMetadata
 from engine.config import ModelConfig
-from engine.models.layers import QUANT_MAX_ROWS, DecoderLayer, RMSNorm, rope_cos_sin_cache
-from kernels.cpu_quant import QuantizedTensor, cat_rows, pack, quant_matmul
+from engine.models.layers import DecoderLayer, RMSNorm, linear, rope_cos_sin_cache
+from kernels.cpu_quant import QuantizedTensor, cat_rows, pack
 
 # Checkpoint projection name -> (our fused parameter, shard index). Fusing at load time turns three
 # (or two) matmuls per layer into one.
@@ -48,11 +48,7 @@ class LlamaForCausalLM(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        head = self.embed_tokens if self.lm_head is None else self.lm_head
-        packed = getattr(head, "packed", None)
-        if packed is not None and hidden.shape[0] <= QUANT_MAX_ROWS:
-            return quant_matmul(hidden, packed)
-        return torch.matmul(hidden, head.weight.t()).float()
+        return linear(hidden, self.embed_tokens if self.lm_head is None else self.lm_head).float()
 
     def load_quantized(self, weights: Iterable[tuple[str, QuantizedTensor]]) -> int:
         """Attach packed integer weights (`module.packed`) beside the float ones, for the quantized
