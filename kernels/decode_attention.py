@@ -13,7 +13,7 @@ import triton.language as tl
 
 from kernels import autotune
 from kernels.autotune import Config, TuneJob, TuneKey
-from kernels.kv_store import paged_attention_output
+from kernels.kv_store import online_softmax_step, paged_attention_output, paged_kv_rows
 
 MIN_SPLIT_TOKENS = 128   # below this a split's fixed cost outweighs the parallelism it adds
 CANDIDATES: tuple[Config, ...] = tuple(
@@ -62,20 +62,15 @@ def _decode_stage1_kernel(
     for n_start in range(start, end, BLOCK_N):
         n = n_start + tl.arange(0, BLOCK_N)
         n_mask = n < end
-        page = tl.load(block_tables_ptr + b * stride_bt + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
-        row = page * stride_cb + (n % BLOCK_SIZE) * stride_ct + kv_head * stride_ch   # [BLOCK_N]
+        row = paged_kv_rows(block_tables_ptr, b, stride_bt, n, n_mask, kv_head, stride_cb, stride_ct, stride_ch,
+                            BLOCK_SIZE)                                                   # [BLOCK_N]
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(v_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale          # [BLOCK_G, BLOCK_N]
         qk = tl.where(n_mask[None, :], qk, float("-inf"))
-        # NOTE: every tile holds at least one live key, so m_new is finite and no NaN can appear
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        # NOTE: every tile holds at least one live key, so the running max is finite and no NaN can appear
+        m_i, l_i, acc = online_softmax_step(qk, v, m_i, l_i, acc, DOT_PRECISION)
 
     out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
     lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))

@@ -1,4 +1,5 @@
-"""Paged KV write: each new token's K and V rows go to their cache slot; slot -1 (a padded row) is skipped."""
+"""The paged KV cache in Triton: the write (each new token's K and V rows to their cache slot; slot -1, a
+padded row, is skipped) and the pieces both attention kernels read it with."""
 from __future__ import annotations
 
 import torch
@@ -46,6 +47,27 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
                            k.stride(0), k.stride(1), v.stride(0), v.stride(1), num_kv_heads, head_dim,
                            BLOCK_HEADS=block_heads, BLOCK_D=block_d,
                            num_warps=max(1, min(8, block_heads * block_d // 512)))
+
+
+@triton.jit
+def paged_kv_rows(block_tables_ptr, b, stride_bt, n, n_mask, kv_head, stride_cb, stride_ct, stride_ch,
+                  BLOCK_SIZE: tl.constexpr):
+    """Cache offsets of the K/V rows of positions n (a tile) of sequence b, for one KV head (both attention
+    kernels read the paged cache through this)."""
+    page = tl.load(block_tables_ptr + b * stride_bt + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+    return page * stride_cb + (n % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
+
+
+@triton.jit
+def online_softmax_step(qk, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
+    """Fold one masked score tile (base 2, [rows, BLOCK_N]) and its values into the running max, sum and
+    output; returns the new (m_i, l_i, acc)."""
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+    p = tl.exp2(qk - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
 
 
 def paged_attention_output(q: torch.Tensor, k_cache: torch.Tensor,

@@ -12,7 +12,7 @@ import triton.language as tl
 
 from kernels import autotune
 from kernels.autotune import Config, TuneJob, TuneKey
-from kernels.kv_store import paged_attention_output
+from kernels.kv_store import online_softmax_step, paged_attention_output, paged_kv_rows
 
 CANDIDATES: tuple[Config, ...] = tuple(
     {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
@@ -60,21 +60,16 @@ def _prefill_kernel(
         for n_start in range(0, kv_end, BLOCK_N):
             n = n_start + tl.arange(0, BLOCK_N)
             n_mask = n < kv_end
-            page = tl.load(block_tables_ptr + b * stride_bt + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
-            row = page * stride_cb + (n % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
+            row = paged_kv_rows(block_tables_ptr, b, stride_bt, n, n_mask, kv_head, stride_cb, stride_ct,
+                                stride_ch, BLOCK_SIZE)
             kv_mask = n_mask[:, None] & d_mask[None, :]
             k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale     # [BLOCK_M, BLOCK_N]
             allowed = n_mask[None, :] & (n[None, :] <= q_pos[:, None])
             qk = tl.where(allowed, qk, float("-inf"))
-            # NOTE: key 0 is visible to every row (q_pos >= 0), so m_new is finite from the first tile on
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-            p = tl.exp2(qk - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+            # NOTE: key 0 is visible to every row (q_pos >= 0), so the running max is finite from the first tile
+            m_i, l_i, acc = online_softmax_step(qk, v, m_i, l_i, acc, DOT_PRECISION)
         out = acc / l_i[:, None]
         tl.store(out_ptr + ((q_start + m[:, None]) * num_heads + head) * head_dim + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
