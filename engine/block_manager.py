@@ -5,7 +5,7 @@ import hashlib
 from array import array
 from collections import OrderedDict
 
-from engine.request import Sequence
+from engine.sequence import Sequence
 
 
 def hash_block(parent_hash: bytes, token_ids: list[int]) -> bytes:

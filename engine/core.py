@@ -14,7 +14,7 @@ from engine.config import EngineConfig, ModelConfig
 from engine.loader import LoadError, ModelFiles, load_config, load_model
 from engine.messages import EngineInfo, EngineRequest, EngineStats, TokenOutput
 from engine.model_runner import ModelRunner
-from engine.request import Sequence
+from engine.sequence import Sequence
 from engine.sampler import Sampler, SamplingRow, compute_prompt_logprobs
 from engine.scheduler import PromptTooLongError, Scheduler, SchedulerConfig
 

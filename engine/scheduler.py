@@ -6,7 +6,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from engine.block_manager import BlockManager
-from engine.request import Sequence, SequenceStatus
+from engine.sequence import Sequence, SequenceStatus
 from engine.stats import SchedulerStats
 
 

@@ -2,7 +2,7 @@
 import pytest
 
 from engine.block_manager import BlockManager, hash_block
-from engine.request import Sequence
+from engine.sequence import Sequence
 from engine.sampling_params import SamplingParams
 
 BS = 16

@@ -9,7 +9,7 @@ import torch
 
 from engine.core import EngineCore
 from engine.cuda_graph import DecodeBuffers, DecodeGraphs, bucket_for, graph_batch_sizes, table_width
-from engine.request import Sequence
+from engine.sequence import Sequence
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Batch, ScheduledSeq
 from tests.engine.helpers import engine_config, run_to_completion, tiny_hf_model

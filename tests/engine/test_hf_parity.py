@@ -5,7 +5,7 @@ import torch
 from engine.core import EngineCore
 from engine.loader import ModelFiles, load_config, load_model
 from engine.model_runner import ModelRunner
-from engine.request import Sequence
+from engine.sequence import Sequence
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Batch, ScheduledSeq
 from tests.engine.helpers import engine_config, run_to_completion, tiny_hf_model

@@ -10,7 +10,7 @@ import zlib
 import pytest
 
 from engine.block_manager import BlockManager
-from engine.request import Sequence, SequenceStatus
+from engine.sequence import Sequence, SequenceStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Batch, PromptTooLongError, ScheduledSeq, Scheduler, SchedulerConfig
 
