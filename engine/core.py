@@ -1,7 +1,6 @@
 """EngineCore: schedule -> run the model -> sample -> update, one step at a time (in-process)."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -10,20 +9,18 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.block_manager import BlockManager
-from engine.config import EngineConfig, ModelConfig
-from engine.loader import LoadError, ModelFiles, load_config, load_model
+from engine.config import EngineConfig
+from engine.loader import ModelFiles, load_config, load_model
 from engine.messages import EngineInfo, EngineRequest, EngineStats, TokenOutput
 from engine.model_runner import ModelRunner
 from engine.sequence import Sequence
 from engine.sampler import Sampler, SamplingRow, compute_prompt_logprobs
 from engine.scheduler import PromptTooLongError, Scheduler, SchedulerConfig
 
+from engine.startup import (StartupError, generation_defaults, initial_max_model_len, num_kv_blocks, pick_device,
+                            pick_dtype)
+
 log = logging.getLogger("llm.engine")
-CPU_DEFAULT_KV_GIB = 2.0
-
-
-class StartupError(Exception):
-    """The engine cannot start with this configuration; the message says what would work."""
 
 
 @dataclass
@@ -51,12 +48,13 @@ class EngineCore:
         files = self._files = ModelFiles.at(config.model)
         self.model_config = model_config = load_config(files)
         self.dtype = pick_dtype(config.dtype, self.device)
-        max_model_len = _initial_max_model_len(config, model_config)
+        max_model_len = initial_max_model_len(config, model_config)
         self.model = load_model(files, model_config, self.dtype, self.device, max_positions=max_model_len,
                                 cpu_kernels=config.cpu_kernels,
                                 float_copies=config.cpu_float_copies)
         on_phase("allocating KV cache")
-        num_blocks = self._num_kv_blocks(model_config)
+        num_blocks = num_kv_blocks(
+            config, ModelRunner.kv_bytes_per_block(model_config, config.block_size, self.dtype), self.device)
         capacity = num_blocks * config.block_size
         if config.max_model_len == "auto":
             max_model_len = min(max_model_len, capacity)
@@ -71,7 +69,7 @@ class EngineCore:
         if self.device.type == "cuda":
             from engine.cuda_graph import prepare_gpu
             self.gpu_startup = prepare_gpu(self.runner, config, max_model_len, on_phase)
-        self.eos_token_ids, self.default_sampling = _generation_defaults(files, model_config)
+        self.eos_token_ids, self.default_sampling = generation_defaults(files, model_config)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=config.max_num_seqs,
@@ -306,7 +304,7 @@ class EngineCore:
 
     def embed(self, request):
         """Pool this decoder's hidden states for /v1/embeddings (between steps, on a scratch cache)."""
-        from engine.embedding_core import decoder_embed_request
+        from engine.embedding import decoder_embed_request
         return decoder_embed_request(self, request)
 
     def stats(self) -> EngineStats:
@@ -317,77 +315,3 @@ class EngineCore:
             prefix_cache_hits=s.prefix_cache_hits, num_preemptions=s.num_preemptions,
             num_prompt_tokens=s.num_prompt_tokens, num_generation_tokens=s.num_generation_tokens,
             num_requests_finished=self.num_requests_finished)
-
-    # -- sizing ---------------------------------------------------------------------------------
-
-    def _num_kv_blocks(self, model_config: ModelConfig) -> int:
-        per_block = ModelRunner.kv_bytes_per_block(model_config, self.config.block_size, self.dtype)
-        if self.device.type == "cuda" and self.config.kv_cache_gib is None:
-            free, total = torch.cuda.mem_get_info(self.device)
-            used = total - free
-            budget = total * self.config.kv_cache_memory_fraction - used - _activation_reserve(self.config)
-            if budget < per_block:
-                raise StartupError(
-                    f"not enough GPU memory for the KV cache: {total / 2**30:.1f} GiB total, "
-                    f"{used / 2**30:.1f} GiB in use after loading the weights, fraction "
-                    f"{self.config.kv_cache_memory_fraction}")
-        else:
-            gib = self.config.kv_cache_gib if self.config.kv_cache_gib is not None else CPU_DEFAULT_KV_GIB
-            budget = gib * 2**30
-        num_blocks = int(budget // per_block)
-        if num_blocks < 1:
-            raise StartupError(f"a KV budget of {budget / 2**30:.3f} GiB holds no block "
-                               f"({per_block} bytes each)")
-        return num_blocks
-
-
-def _activation_reserve(config: EngineConfig) -> int:
-    return 512 * 2**20 + config.max_num_batched_tokens * 64 * 2**10
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise StartupError("device 'cuda' was asked for, but torch sees no CUDA GPU")
-    if name not in ("cuda", "cpu"):
-        raise StartupError(f"unknown device {name!r}: use auto, cuda or cpu")
-    return torch.device(name)
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if name not in dtypes:
-        raise StartupError(f"unknown dtype {name!r}: use auto, float32, float16 or bfloat16")
-    return dtypes[name]
-
-
-def _initial_max_model_len(config: EngineConfig, model_config: ModelConfig) -> int:
-    limit = model_config.max_position_embeddings
-    if config.max_model_len in (None, "auto"):
-        return limit
-    if not isinstance(config.max_model_len, int) or config.max_model_len < 1:
-        raise StartupError(f"max_model_len must be a positive integer or 'auto', got {config.max_model_len!r}")
-    if config.max_model_len > limit and (model_config.rope_scaling is None):
-        raise StartupError(f"max_model_len={config.max_model_len} exceeds the model's context of {limit}")
-    return config.max_model_len
-
-
-def _generation_defaults(files: ModelFiles, model_config: ModelConfig) -> tuple[frozenset[int], dict]:
-    """eos ids (config + generation_config.json) and the sampling defaults the model ships with."""
-    eos = set(model_config.eos_token_ids)
-    defaults: dict = {}
-    path = files.path / "generation_config.json" if files.format == "hf" else None
-    if path is not None and path.exists():
-        try:
-            gen = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise LoadError(f"{path}: not valid JSON ({e})") from None
-        g_eos = gen.get("eos_token_id")
-        eos.update(g_eos if isinstance(g_eos, list) else [g_eos] if isinstance(g_eos, int) else [])
-        for key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
-            if key in gen and gen.get("do_sample", True) is not False:
-                defaults[key] = gen[key]
-    return frozenset(eos), defaults

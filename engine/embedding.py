@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from engine.attention import AttentionMetadata
 from engine.loader import ModelFiles, iter_weights
+from engine.messages import EmbedOutput, EmbedRequest
 from engine.models.bert import BertConfig, BertModel
 
 # sentence-transformers' Pooling config key -> our mode name, in the order it concatenates them.
@@ -270,3 +271,21 @@ def _prefill_metadata(seq_lens: list[int], block_size: int, device: torch.device
         prefill_cu_seqlens_q=ints(cu), prefill_context_lens=ints(seq_lens),
         prefill_block_tables=ints([t + [0] * (width - len(t)) for t in tables]),
         max_prefill_query_len=max(seq_lens), max_prefill_context_len=max(seq_lens))
+
+
+def embed_request(embed: Callable[[list[list[int]]], torch.Tensor], request: EmbedRequest) -> EmbedOutput:
+    """Run an embedding call, turning input errors into an error output (never a dead engine)."""
+    try:
+        vectors = embed(request.inputs)
+    except InputTooLongError as e:
+        return EmbedOutput(request.request_id, error=str(e), error_code="context_length_exceeded")
+    except ValueError as e:
+        return EmbedOutput(request.request_id, error=str(e))
+    return EmbedOutput(request.request_id, embeddings=vectors.numpy(),
+                       num_tokens=sum(len(ids) for ids in request.inputs))
+
+
+def decoder_embed_request(core, request: EmbedRequest) -> EmbedOutput:
+    """/v1/embeddings on a decoder: its hidden states pooled (request.pooling, default 'last')."""
+    pooling = request.pooling or "last"
+    return embed_request(lambda inputs: decoder_embed(core, inputs, pooling, request.normalize), request)

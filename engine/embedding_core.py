@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 
 from engine.config import EngineConfig
-from engine.embedding import EmbeddingModel, InputTooLongError, decoder_embed
+from engine.embedding import EmbeddingModel, embed_request
 from engine.messages import EmbedOutput, EmbedRequest, EngineInfo, EngineRequest, EngineStats, TokenOutput
+from engine.startup import pick_device, pick_dtype
 
 ENCODER_MODEL_TYPES = ("bert",)
 
@@ -25,23 +26,6 @@ def is_encoder_model(path: str | Path) -> bool:
         return False
 
 
-def embed_request(embed: Callable[[list[list[int]]], torch.Tensor], request: EmbedRequest) -> EmbedOutput:
-    """Run an embedding call, turning input errors into an error output (never a dead engine)."""
-    try:
-        vectors = embed(request.inputs)
-    except InputTooLongError as e:
-        return EmbedOutput(request.request_id, error=str(e), error_code="context_length_exceeded")
-    except ValueError as e:
-        return EmbedOutput(request.request_id, error=str(e))
-    return EmbedOutput(request.request_id, embeddings=vectors.numpy(),
-                       num_tokens=sum(len(ids) for ids in request.inputs))
-
-
-def decoder_embed_request(core, request: EmbedRequest) -> EmbedOutput:
-    pooling = request.pooling or "last"
-    return embed_request(lambda inputs: decoder_embed(core, inputs, pooling, request.normalize), request)
-
-
 class EmbeddingCore:
     """Serves /v1/embeddings for a sentence-transformers encoder; generation requests are refused."""
 
@@ -49,7 +33,6 @@ class EmbeddingCore:
         start = time.monotonic()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        from engine.core import pick_device, pick_dtype
         device = pick_device(config.device)
         dtype = pick_dtype(config.dtype, device)
         on_phase("loading weights")

@@ -37,7 +37,7 @@ class LLM:
 
     def __init__(self, model: str = "HuggingFaceTB/SmolLM2-135M-Instruct", *, revision: str | None = None,
                  offline: bool = False, **engine_kwargs):
-        from launcher.weights import resolve_model  # model sources are the launcher's business
+        from engine.weights import resolve_model
         path = resolve_model(model, revision=revision, offline=offline)
         self.config = EngineConfig(model=str(path), served_name=model, **engine_kwargs)
         self.tokenizer = load_tokenizer(ModelFiles.at(path))

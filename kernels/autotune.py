@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kernels.user_dir import llm_home
+
 Config = Mapping[str, int]
 # progress(done, total, label): called once before the first candidate and after each tuned entry
 ProgressFn = Callable[[int, int, str], None]
@@ -59,7 +61,6 @@ def pow2_bucket(n: int, lo: int = 1, hi: int = 1 << 20) -> int:
 
 
 def default_cache_dir() -> Path:
-    from launcher.weights import llm_home   # lazy: kernels import nothing from the launcher at load time
     return llm_home() / "autotune"
 
 

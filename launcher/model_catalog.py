@@ -191,7 +191,7 @@ def list_llm_models() -> list[LocalModel]:
     """Models in our cache, models_dir()/<org>--<name>/ holding GGUF files or safetensors, and in the
     packaged build the models shipped inside it (same layout under its models/ folder)."""
     import sys
-    from launcher.weights import models_dir
+    from engine.weights import models_dir
     roots = [models_dir()]
     if getattr(sys, "_MEIPASS", None):
         roots.append(Path(sys._MEIPASS) / "models")
@@ -246,7 +246,7 @@ def find_profile(name_or_path: str) -> Path:
 
 def profile_dirs() -> list[Path]:
     """Folders searched for profiles, most specific first."""
-    from launcher.weights import llm_home
+    from kernels.user_dir import llm_home
     shipped = Path(__file__).resolve().parent.parent / "profiles"
     dirs = [Path.cwd() / "profiles", llm_home() / "profiles", shipped]
     unique: list[Path] = []

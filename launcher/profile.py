@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher.weights import DEFAULT_MODEL
+from engine.weights import DEFAULT_MODEL
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -19,6 +19,7 @@ from launcher.server.settings import LaunchSpec, ServerSettings, write_launch_sp
 
 _POLL_S = 0.25
 _STOP_GRACE_S = 15.0
+SERVER_FLAG = "--llm-server"   # the packaged executable (launcher/frozen.py) runs the server when given this
 
 
 def build_launch(profile: Profile, model_path: str) -> LaunchSpec:
@@ -42,7 +43,7 @@ def free_port(host: str) -> int:
 
 def serve(profile: Profile) -> int:
     """Run the server for `profile` until it stops or we are signalled; returns the exit status."""
-    from launcher.weights import WeightsError, resolve_model
+    from engine.weights import WeightsError, resolve_model
     try:
         path = resolve_model(profile.model.source, revision=profile.model.revision, offline=profile.model.offline)
         spec = build_launch(profile, str(path))
@@ -70,7 +71,6 @@ def _replace(settings: ServerSettings, **changes) -> ServerSettings:
 def server_command(spec_file: Path) -> list[str]:
     """How to start the server process: `python -m launcher.server`, or the packaged executable itself."""
     if getattr(sys, "frozen", False):
-        from launcher.frozen import SERVER_FLAG
         return [sys.executable, SERVER_FLAG, str(spec_file)]
     return [sys.executable, "-m", "launcher.server", str(spec_file)]
 

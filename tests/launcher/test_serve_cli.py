@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.weights import DEFAULT_MODEL
+from engine.weights import DEFAULT_MODEL
 
 REPO = Path(__file__).resolve().parents[2]
 LLM = Path(sys.executable).parent / "llm"      # the console script pyproject.toml installs

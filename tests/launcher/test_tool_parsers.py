@@ -9,10 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from launcher.server.chat_parsing import ParsedOutput
 from launcher.server.errors import APIError
-from launcher.server.tool_parsers import (PARSERS, detect_tool_parser, make_tool_parser, tool_choice_constraint,
-                                          validate_tools)
+from launcher.server.tool_parsers import (PARSERS, ParsedOutput, detect_tool_parser, make_tool_parser,
+                                          tool_choice_constraint, validate_tools)
 from launcher.server.tool_parsers.forced import NamedCallParser, RequiredCallsParser
 from launcher.server.tool_parsers.hermes import HermesParser
 from launcher.server.tool_parsers.llama3_json import Llama3JsonParser

@@ -1,22 +1,28 @@
 """Tool-call parsing for chat answers: picks the parser for the model family and the request's tool_choice."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from launcher.server.tool_parsers.base import ToolCallParser, merge_deltas, new_call_id
+from launcher.server.tool_parsers.base import (OutputParser, ParsedOutput, PlainContent, ToolCallParser, merge_deltas,
+                                               new_call_id)
 from launcher.server.tool_parsers.forced import NamedCallParser, RequiredCallsParser
 from launcher.server.tool_parsers.hermes import HermesParser
 from launcher.server.tool_parsers.llama3_json import PYTHON_TAG, Llama3JsonParser
 from launcher.server.tool_parsers.schema import named_function, tool_choice_constraint, validate_tools
 
-if TYPE_CHECKING:
-    from launcher.server.protocol_chat import ChatRequest
-
 PARSERS: dict[str, type[ToolCallParser]] = {"hermes": HermesParser, "llama3_json": Llama3JsonParser}
 DEFAULT_PARSER = "hermes"   # SmolLM2, Qwen2.5, Hermes and most small chat models write <tool_call> blocks
 
-__all__ = ["PARSERS", "ToolCallParser", "detect_tool_parser", "make_tool_parser", "merge_deltas", "new_call_id",
-           "tool_choice_constraint", "validate_tools"]
+__all__ = ["PARSERS", "OutputParser", "ParsedOutput", "PlainContent", "ToolCallParser", "detect_tool_parser",
+           "make_output_parser", "make_tool_parser", "merge_deltas", "new_call_id", "tool_choice_constraint",
+           "validate_tools"]
+
+
+class ToolRequest(Protocol):
+    """What the parsers read of a chat request (protocol_chat.ChatRequest has these)."""
+    tools: list[dict] | None
+    tool_choice: str | dict
+    parallel_tool_calls: bool
 
 
 def detect_tool_parser(chat_template: str | None, vocab: set[str] | frozenset[str] = frozenset()) -> str:
@@ -29,7 +35,12 @@ def detect_tool_parser(chat_template: str | None, vocab: set[str] | frozenset[st
     return DEFAULT_PARSER
 
 
-def make_tool_parser(tokenizer, request: ChatRequest, tool_parser: str | None = None,
+def make_output_parser(tokenizer, request: ToolRequest) -> OutputParser:
+    """A fresh parser for one sample of `request`: a tool-call parser, or plain content without tools."""
+    return make_tool_parser(tokenizer, request) or PlainContent()
+
+
+def make_tool_parser(tokenizer, request: ToolRequest, tool_parser: str | None = None,
                      chat_template: str | None = None) -> ToolCallParser | None:
     """A fresh parser for one sample of `request`, or None when its answer is plain content.
 

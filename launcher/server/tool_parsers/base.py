@@ -1,14 +1,56 @@
-"""Shared parts of the tool-call parsers: call ids, content hold-back, delta shapes, parse() as one streamed pass."""
+"""Shared parts of the tool-call parsers: the OutputParser seam, call ids, content hold-back, delta shapes,
+parse() as one streamed pass."""
 from __future__ import annotations
 
 import json
 import secrets
 import string
 from collections.abc import Collection
-
-from launcher.server.chat_parsing import ParsedOutput
+from dataclasses import dataclass, field
+from typing import Protocol
 
 _ID_ALPHABET = string.ascii_letters + string.digits
+
+
+@dataclass(slots=True)
+class ParsedOutput:
+    content: str | None
+    tool_calls: list[dict] = field(default_factory=list)   # OpenAI shape: {"id", "type": "function", "function"}
+
+
+class OutputParser(Protocol):
+    """How a sample's generated text splits into content and tool calls; serving_chat uses one per sample,
+    for streaming and non-streaming answers alike."""
+
+    def parse(self, text: str) -> ParsedOutput:
+        """The whole generated text of a sample -> content and tool calls (non-streaming)."""
+
+    def feed(self, delta_text: str) -> list[dict]:
+        """Streaming: the next piece of text -> zero or more delta objects ({"content": ...} or
+        {"tool_calls": [{"index", "id", "type", "function": {"name", "arguments"}}]}), text it holds back
+        while deciding is returned by a later call or by finish()."""
+
+    def finish(self) -> list[dict]:
+        """Streaming: the sample ended; any held-back deltas."""
+
+    @property
+    def has_tool_calls(self) -> bool:
+        """Whether any tool call was produced (finish_reason becomes 'tool_calls')."""
+
+
+class PlainContent:
+    """No tool parsing (no tools, or tool_choice 'none'): everything generated is content."""
+
+    has_tool_calls = False
+
+    def parse(self, text: str) -> ParsedOutput:
+        return ParsedOutput(text)
+
+    def feed(self, delta_text: str) -> list[dict]:
+        return [{"content": delta_text}] if delta_text else []
+
+    def finish(self) -> list[dict]:
+        return []
 
 
 def new_call_id() -> str:

@@ -1,7 +1,7 @@
 """Model sources: local paths, packaged models, and the HF hub cache (offline)."""
 import pytest
 
-from launcher.weights import DEFAULT_MODEL, WeightsError, packaged_model_path, resolve_model
+from engine.weights import DEFAULT_MODEL, WeightsError, packaged_model_path, resolve_model
 from tests.engine.helpers import tiny_hf_model
 
 
@@ -54,7 +54,7 @@ def test_offline_packaged_model_missing(tmp_path, monkeypatch):
 def test_packaged_build_explains_it_cannot_fetch(tmp_path, monkeypatch):
     """Inside the PyInstaller build there is no pip: a packaged model it does not carry is a clear error."""
     import sys
-    from launcher.weights import fetch_packaged_model
+    from engine.weights import fetch_packaged_model
     monkeypatch.setenv("LLM_HOME", str(tmp_path))
     monkeypatch.setattr(sys, "frozen", True, raising=False)
     with pytest.raises(WeightsError) as err:

