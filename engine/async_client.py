@@ -1,4 +1,4 @@
-"""AsyncEngineClient: the API process's view of the engine process (asyncio streams per request)."""
+"""AsyncEngineClient: the EngineClient of our engine process (asyncio streams per request)."""
 from __future__ import annotations
 
 import asyncio
@@ -8,40 +8,48 @@ from collections.abc import AsyncIterator, Callable
 
 from engine.config import EngineConfig
 from engine.core_process import EngineProcess
-from engine.messages import (AbortRequest, EmbedOutput, EmbedRequest, EngineInfo, EngineRequest, EngineStats,
-                             StopSample, TokenOutput)
+from engine.messages import (AbortRequests, AddRequest, EmbedOutput, EmbedRequest, EngineFatal, EngineInfo,
+                             EngineStats, FromCore, PhaseUpdate, StatsRequest, StepOutputs, StopSample, ToCore,
+                             TokenOutput)
+from engine.protocol import EngineClient, EngineDeadError, EngineStartupError
 from engine.sampling_params import SamplingParams
 
+__all__ = ["AsyncEngineClient", "EngineDeadError", "EngineStartupError"]
 
-class EngineDeadError(RuntimeError):
-    """The engine process is gone; every waiting request gets this error."""
-
-
-class EngineStartupError(RuntimeError):
-    """The engine process could not start; the message is its one-line reason."""
+STATS_TIMEOUT_S = 5.0   # a core busy with one long step answers late: /metrics then shows the last figures
 
 
-class AsyncEngineClient:
+class AsyncEngineClient(EngineClient):
     def __init__(self, config: EngineConfig):
         self.config = config
-        self.phase = "starting engine process"
-        self.info: EngineInfo | None = None
-        self.stats = EngineStats()
-        self.error: str | None = None
+        self._phase = "starting engine process"
+        self._info: EngineInfo | None = None
+        self._error: str | None = None
+        self.latest_stats = EngineStats()            # from the last message that carried stats
         self._process = EngineProcess(config)
-        self._queues: dict[str, asyncio.Queue] = {}
-        self._embeds: dict[str, asyncio.Future] = {}
+        self._queues: dict[str, asyncio.Queue[TokenOutput | EngineDeadError]] = {}
+        self._embeds: dict[str, asyncio.Future[EmbedOutput]] = {}
+        self._stats_waiters: list[asyncio.Future[EngineStats]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._ready: asyncio.Future | None = None
+        self._ready: asyncio.Future[EngineInfo] | None = None
+        self._on_phase: Callable[[str], None] | None = None
         self._send_lock = threading.Lock()
         self._reader: threading.Thread | None = None
 
     @property
-    def is_ready(self) -> bool:
-        return self.info is not None and self.error is None
+    def phase(self) -> str:
+        return self._phase
+
+    @property
+    def info(self) -> EngineInfo | None:
+        return self._info
+
+    @property
+    def error(self) -> str | None:
+        return self._error
 
     async def start(self, on_phase: Callable[[str], None] | None = None) -> EngineInfo:
-        """Spawn the engine process and wait until it has loaded the model."""
+        """Start the engine process and wait until it has loaded the model."""
         self._loop = asyncio.get_running_loop()
         self._ready = self._loop.create_future()
         self._on_phase = on_phase
@@ -69,82 +77,88 @@ class AsyncEngineClient:
         except RuntimeError:
             return False
 
-    def _dispatch(self, msg) -> None:
-        kind = msg[0]
-        if kind == "outputs":
-            for out in msg[1]:
-                queue = self._queues.get(out.request_id)
-                if queue is not None:
-                    queue.put_nowait(out)
-            self.stats = msg[2]
-        elif kind == "stats":
-            self.stats = msg[1]
-        elif kind == "embeddings":
-            future = self._embeds.pop(msg[1].request_id, None)
-            if future is not None and not future.done():
-                future.set_result(msg[1])
-        elif kind == "phase":
-            self.phase = msg[1]
-            if self._on_phase:
-                self._on_phase(msg[1])
-        elif kind == "ready":
-            self.info = msg[1]
-            self.phase = "ready"
-            if not self._ready.done():
-                self._ready.set_result(msg[1])
-        elif kind == "fatal":
-            self.error = msg[1]
-            self.phase = "failed"
-            if not self._ready.done():
-                self._ready.set_exception(EngineStartupError(msg[1]))
+    def _dispatch(self, msg: FromCore) -> None:
+        match msg:
+            case StepOutputs():
+                for out in msg.outputs:
+                    queue = self._queues.get(out.request_id)
+                    if queue is not None:
+                        queue.put_nowait(out)
+                self._new_stats(msg.stats)
+            case EngineStats():
+                self._new_stats(msg)
+            case EmbedOutput():
+                future = self._embeds.pop(msg.request_id, None)
+                if future is not None and not future.done():
+                    future.set_result(msg)
+            case PhaseUpdate():
+                self._phase = msg.phase
+                if self._on_phase:
+                    self._on_phase(msg.phase)
+            case EngineInfo():
+                self._info = msg
+                self._phase = "ready"
+                if not self._ready.done():
+                    self._ready.set_result(msg)
+            case EngineFatal():
+                self._error = msg.message
+                self._phase = "failed"
+                if not self._ready.done():
+                    self._ready.set_exception(EngineStartupError(msg.message))
+            case _:
+                raise TypeError(f"not a message from the engine core: {type(msg).__name__}")
+
+    def _new_stats(self, stats: EngineStats) -> None:
+        self.latest_stats = stats
+        waiters, self._stats_waiters = self._stats_waiters, []
+        for future in waiters:
+            if not future.done():
+                future.set_result(stats)
 
     def _on_dead(self) -> None:
-        if self.error is None:
-            self.error = "the engine process exited unexpectedly"
-        self.phase = "failed"
+        if self._error is None:
+            code = self._process.exit_code
+            self._error = "the engine process exited unexpectedly" + (f" (exit code {code})" if code else "")
+        self._phase = "failed"
         if self._ready is not None and not self._ready.done():
-            self._ready.set_exception(EngineStartupError(self.error))
-        for rid, queue in self._queues.items():
-            queue.put_nowait(TokenOutput(rid, -1, [], finish_reason="error", error=self.error))
-        for future in self._embeds.values():
+            self._ready.set_exception(EngineStartupError(self._error))
+        for queue in self._queues.values():
+            queue.put_nowait(EngineDeadError(self._error))
+        for future in [*self._embeds.values(), *self._stats_waiters]:
             if not future.done():
-                future.set_exception(EngineDeadError(self.error))
+                future.set_exception(EngineDeadError(self._error))
         self._embeds.clear()
+        self._stats_waiters.clear()
 
-    def _send(self, msg) -> None:
-        if self.error is not None:
-            raise EngineDeadError(self.error)
+    def _send(self, msg: ToCore) -> None:
+        if self._error is not None:
+            raise EngineDeadError(self._error)
         with self._send_lock:
             self._process.send(msg)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[TokenOutput]:
-        """Stream a request's outputs (all n samples interleaved) until every sample finishes.
-
-        Leaving the iteration early (client gone, error) aborts the request in the engine.
-        """
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in flight")
-        queue: asyncio.Queue = asyncio.Queue()
+        queue: asyncio.Queue[TokenOutput | EngineDeadError] = asyncio.Queue()
         self._queues[request_id] = queue
         remaining = params.n
         try:
-            self._send(EngineRequest(request_id, list(prompt_token_ids), params, time.monotonic()))
+            self._send(AddRequest(request_id, list(prompt_token_ids), params, time.monotonic()))
             while remaining:
-                out: TokenOutput = await queue.get()
-                if out.index == -1:  # engine died
-                    raise EngineDeadError(out.error or "engine died")
+                out = await queue.get()
+                if isinstance(out, EngineDeadError):
+                    raise out
                 if out.finished:
                     remaining -= 1
                 yield out
         finally:
             del self._queues[request_id]
-            if remaining and self.error is None:
+            if remaining and self._error is None:
                 self.abort(request_id)
 
     async def embed(self, request_id: str, inputs: list[list[int]], pooling: str | None = None,
                     normalize: bool = True) -> EmbedOutput:
-        """Embed token id lists; the output carries a numpy [N, D] array or an error message."""
         future = asyncio.get_running_loop().create_future()
         self._embeds[request_id] = future
         try:
@@ -155,25 +169,27 @@ class AsyncEngineClient:
 
     def abort(self, request_id: str) -> None:
         try:
-            self._send(AbortRequest([request_id]))
+            self._send(AbortRequests([request_id]))
         except (EngineDeadError, BrokenPipeError, OSError):
             pass
 
     def stop_sample(self, request_id: str, index: int) -> None:
-        """End one sample of a running request (a stop string ended its text); its stream still gets
-        that sample's final output."""
         try:
             self._send(StopSample(request_id, index))
         except (EngineDeadError, BrokenPipeError, OSError):
             pass
 
-    async def refresh_stats(self, timeout: float = 2.0) -> EngineStats:
-        before = self.stats
-        self._send("stats")
-        deadline = time.monotonic() + timeout
-        while self.stats is before and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
-        return self.stats
+    async def stats(self) -> EngineStats:
+        """Fresh figures from the core; before it is ready, or when it is gone, the last ones known."""
+        if not self.is_ready:
+            return self.latest_stats
+        future = asyncio.get_running_loop().create_future()
+        self._stats_waiters.append(future)
+        try:
+            self._send(StatsRequest())
+            return await asyncio.wait_for(asyncio.shield(future), STATS_TIMEOUT_S)
+        except (asyncio.TimeoutError, EngineDeadError, BrokenPipeError, OSError):
+            return self.latest_stats
 
     async def shutdown(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self._process.shutdown)

@@ -23,6 +23,54 @@ class AttentionMetadata:
     max_prefill_query_len: int
     max_prefill_context_len: int
 
+    @classmethod
+    def for_batch(cls, device: torch.device, slot_mapping: list[int], decode_block_tables: list[list[int]],
+                  decode_context_lens: list[int], prefill_block_tables: list[list[int]],
+                  prefill_query_lens: list[int], prefill_context_lens: list[int]) -> "AttentionMetadata":
+        """From plain lists, one entry per row: decode rows (one token each), then prefill rows."""
+        cu = [0]
+        for n in prefill_query_lens:
+            cu.append(cu[-1] + n)
+        return cls(
+            slot_mapping=_ints(slot_mapping, device), num_decode_tokens=len(decode_context_lens),
+            decode_block_tables=_table(decode_block_tables, device),
+            decode_context_lens=_ints(decode_context_lens, device),
+            max_decode_context_len=max(decode_context_lens, default=0),
+            prefill_cu_seqlens_q=_ints(cu, device), prefill_context_lens=_ints(prefill_context_lens, device),
+            prefill_block_tables=_table(prefill_block_tables, device),
+            max_prefill_query_len=max(prefill_query_lens, default=0),
+            max_prefill_context_len=max(prefill_context_lens, default=0))
+
+    @classmethod
+    def for_prefill(cls, device: torch.device, slot_mapping: list[int], block_tables: list[list[int]],
+                    query_lens: list[int], context_lens: list[int]) -> "AttentionMetadata":
+        """Prefill (or extend) rows only."""
+        return cls.for_batch(device, slot_mapping, [], [], block_tables, query_lens, context_lens)
+
+    @classmethod
+    def for_decode(cls, slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                   max_context_len: int, no_prefill: torch.Tensor | None = None) -> "AttentionMetadata":
+        """Decode rows only, from tensors already on the device (the decode graphs' static buffers).
+        no_prefill: a [1] zero tensor to use as the empty prefill part's offsets (made when not given)."""
+        if no_prefill is None:
+            no_prefill = torch.zeros(1, dtype=torch.int64, device=context_lens.device)
+        return cls(
+            slot_mapping=slot_mapping, num_decode_tokens=block_tables.shape[0], decode_block_tables=block_tables,
+            decode_context_lens=context_lens, max_decode_context_len=max_context_len,
+            prefill_cu_seqlens_q=no_prefill, prefill_context_lens=no_prefill[:0],
+            prefill_block_tables=block_tables[:0], max_prefill_query_len=0, max_prefill_context_len=0)
+
+
+def _ints(values: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+def _table(tables: list[list[int]], device: torch.device) -> torch.Tensor:
+    """Block tables padded with block 0 to the widest row: [rows, max(1, width)] int64."""
+    width = max((len(t) for t in tables), default=1)
+    return torch.tensor([t + [0] * (width - len(t)) for t in tables] or [[0]],
+                        dtype=torch.int64, device=device)[: len(tables)]
+
 
 class PagedAttention:
     """Stores new K/V into one layer's cache and attends; ops are the Triton kernels or torch twins."""

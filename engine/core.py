@@ -11,30 +11,42 @@ import torch
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.loader import ModelFiles, load_config, load_model
-from engine.messages import EngineInfo, EngineRequest, EngineStats, TokenOutput
-from engine.model_runner import ModelRunner
+from engine.messages import AddRequest, EmbedOutput, EmbedRequest, EngineInfo, EngineStats, TokenLogprob, TokenOutput
+from engine.model_runner import ModelOutput, ModelRunner
+from engine.sampler import Sampler, SamplingRow, compute_prompt_logprobs, make_generator
+from engine.scheduler import Batch, Scheduler, SchedulerConfig
 from engine.sequence import Sequence
-from engine.sampler import Sampler, SamplingRow, compute_prompt_logprobs
-from engine.scheduler import PromptTooLongError, Scheduler, SchedulerConfig
-
 from engine.startup import (StartupError, generation_defaults, initial_max_model_len, num_kv_blocks, pick_device,
                             pick_dtype)
+from engine.validation import InvalidRequest, check_request
 
 log = logging.getLogger("llm.engine")
 
 
-@dataclass
+@dataclass(slots=True)
+class _Sample:
+    """One sequence the engine runs for a request, and what it keeps for it across steps."""
+    request_id: str
+    index: int                               # which of the request's samples (0 .. num_samples - 1)
+    seq: Sequence
+    generator: torch.Generator | None        # seeded requests: seed + index, on the engine's device
+    matcher: object | None = None            # structured outputs: this sample's grammar state
+    cumulative_logprob: float = 0.0
+
+
+@dataclass(slots=True)
 class _RequestState:
-    request: EngineRequest
-    seqs: list[Sequence]
-    generators: list[torch.Generator | None]
-    cumulative_logprobs: list[float]
-    matchers: list | None = None   # per-sample grammar state for structured outputs
-    prompt_logprobs: list = field(default_factory=list)   # (logprob, top-k) per prompt token after the first
+    request: AddRequest
+    samples: list[_Sample]
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)   # per prompt token after the first
     prompt_logprobs_sent: bool = False
-    # best_of > n: every sample's tokens are held until all finish, then the n best are sent.
-    held: list[list[int]] = field(default_factory=list)
     num_finished: int = 0
+
+    @property
+    def holds_back(self) -> bool:
+        """best_of > n: the samples' tokens are sent only when all finish, the n best of them."""
+        params = self.request.params
+        return params.best_of is not None and params.best_of > params.n
 
 
 class EngineCore:
@@ -65,10 +77,9 @@ class EngineCore:
                 f"{capacity} (or 'auto'), or give the cache more memory")
         self.max_model_len = max_model_len
         self.runner = ModelRunner(self.model, model_config, num_blocks, config.block_size, self.dtype, self.device)
-        self.gpu_startup = None  # engine.cuda_graph.GpuStartup: autotune and graph capture figures
+        self.gpu_startup = None  # engine.model_runner.GpuStartup: autotune and graph capture figures
         if self.device.type == "cuda":
-            from engine.cuda_graph import prepare_gpu
-            self.gpu_startup = prepare_gpu(self.runner, config, max_model_len, on_phase)
+            self.gpu_startup = self.runner.warm_up(config, max_model_len, on_phase)
         self.eos_token_ids, self.default_sampling = generation_defaults(files, model_config)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -81,7 +92,7 @@ class EngineCore:
         self.sampler = Sampler()
         self._structured = None  # StructuredBackend, built on the first constrained request
         self.requests: dict[str, _RequestState] = {}
-        self._seq_owner: dict[str, tuple[str, int]] = {}
+        self._samples: dict[str, _Sample] = {}   # seq_id -> its sample, while the engine runs it
         self.num_requests_finished = 0
         self.info = EngineInfo(
             model_name=config.served_name or config.model, max_model_len=max_model_len,
@@ -93,43 +104,28 @@ class EngineCore:
 
     # -- requests -------------------------------------------------------------------------------
 
-    def add_request(self, request: EngineRequest) -> list[TokenOutput]:
-        """Queue a request; returns an immediate error output when it cannot ever run."""
-        rid = request.request_id
-        error = self._check_request(request)
-        if error:
-            return [TokenOutput(rid, i, [], finish_reason="error", error=error,
-                                num_prompt_tokens=len(request.prompt_token_ids))
-                    for i in range(request.params.n)]
-        params = request.params
-        state = _RequestState(request=request, seqs=[], generators=[], cumulative_logprobs=[])
+    def add_request(self, request: AddRequest) -> list[TokenOutput]:
+        """Queue a request its client has validated (engine/validation.py). Returns error outputs at once
+        only for what just the engine can find wrong: a structured-output grammar that does not compile."""
+        rid, params = request.request_id, request.params
+        assert rid not in self.requests, f"request id {rid!r} is already running"
+        assert _accepts(request, self.info), f"{rid}: clients check requests with engine.validation.check_request"
+        matchers: list = [None] * params.num_samples
         if params.structured_outputs is not None:
             try:
                 backend = self._structured_backend()
-                state.matchers = [backend.matcher(params.structured_outputs)
-                                  for _ in range(params.num_samples)]
+                matchers = [backend.matcher(params.structured_outputs) for _ in range(params.num_samples)]
             except (ValueError, ImportError) as e:
                 return [TokenOutput(rid, i, [], finish_reason="error", error=f"structured outputs: {e}",
                                     num_prompt_tokens=len(request.prompt_token_ids))
                         for i in range(params.n)]
-        for i in range(params.num_samples):
-            seq = Sequence(f"{rid}#{i}", request.prompt_token_ids, params, request.arrival_time)
-            state.seqs.append(seq)
-            state.generators.append(None if params.seed is None else
-                                    torch.Generator().manual_seed(params.seed + i))
-            state.cumulative_logprobs.append(0.0)
-            state.held.append([])
-            self._seq_owner[seq.seq_id] = (rid, i)
-        try:
-            for seq in state.seqs:
-                self.scheduler.add(seq)
-        except PromptTooLongError as e:
-            for seq in state.seqs:
-                self.scheduler.abort(seq.seq_id)
-                self._seq_owner.pop(seq.seq_id, None)
-            return [TokenOutput(rid, i, [], finish_reason="error", error=str(e),
-                                num_prompt_tokens=len(request.prompt_token_ids)) for i in range(params.n)]
-        self.requests[rid] = state
+        samples = [_Sample(rid, i, Sequence(f"{rid}#{i}", request.prompt_token_ids, params, request.arrival_time),
+                           None if params.seed is None else make_generator(params.seed + i, self.device), matchers[i])
+                   for i in range(params.num_samples)]
+        for sample in samples:
+            self.scheduler.add(sample.seq)
+            self._samples[sample.seq.seq_id] = sample
+        self.requests[rid] = _RequestState(request, samples)
         return []
 
     def _structured_backend(self):
@@ -142,59 +138,41 @@ class EngineCore:
         return self._structured
 
     def abort(self, request_ids: list[str]) -> list[TokenOutput]:
+        """Finish these requests now: an 'abort' output for each of their samples still running."""
         outputs = []
         for rid in request_ids:
             state = self.requests.pop(rid, None)
             if state is None:
                 continue
-            for i, seq in enumerate(state.seqs):
-                self.scheduler.abort(seq.seq_id)
-                self._seq_owner.pop(seq.seq_id, None)
-                if i < state.request.params.n:
-                    outputs.append(TokenOutput(rid, i, [], finish_reason="abort"))
+            for sample in state.samples:
+                self.scheduler.abort(sample.seq.seq_id)
+                if self._samples.pop(sample.seq.seq_id, None) is not None and sample.index < state.request.params.n:
+                    outputs.append(TokenOutput(rid, sample.index, [], finish_reason="abort"))
         return outputs
 
     def stop_sample(self, request_id: str, index: int) -> list[TokenOutput]:
-        """Finish one sample early with reason 'stop' (its text hit a stop string, which only the server
+        """Finish one sample early with reason 'stop' (its text hit a stop string, which only the client
         sees) and free its blocks. Ignored for unknown or finished samples, and under best_of > n, where
         samples are ranked only once all have finished."""
         state = self.requests.get(request_id)
-        if state is None or index >= len(state.seqs):
+        if state is None or index >= len(state.samples) or state.holds_back:
             return []
-        params = state.request.params
-        seq = state.seqs[index]
-        if (params.best_of and params.best_of > params.n) or seq.seq_id not in self._seq_owner:
+        sample = state.samples[index]
+        if sample.seq.seq_id not in self._samples:
             return []
-        self.scheduler.abort(seq.seq_id)
-        self._sample_done(request_id, state, seq)
+        self.scheduler.abort(sample.seq.seq_id)
+        self._sample_done(state, sample)
+        seq = sample.seq
         return [TokenOutput(request_id, index, [], finish_reason="stop", num_prompt_tokens=seq.num_prompt_tokens,
                             num_cached_tokens=seq.num_cached_tokens)]
 
     def fail_all(self, message: str) -> list[TokenOutput]:
         """After an internal error: end every request with an error and free its blocks."""
-        outputs = []
-        for rid in list(self.requests):
-            for out in self.abort([rid]):
-                outputs.append(TokenOutput(rid, out.index, [], finish_reason="error", error=message))
-        return outputs
+        return [TokenOutput(out.request_id, out.index, [], finish_reason="error", error=message)
+                for out in self.abort(list(self.requests))]
 
     def has_work(self) -> bool:
         return self.scheduler.has_unfinished()
-
-    def _check_request(self, request: EngineRequest) -> str | None:
-        n_prompt = len(request.prompt_token_ids)
-        if n_prompt == 0:
-            return "the prompt is empty"
-        vocab = self.model_config.vocab_size
-        if any(t < 0 or t >= vocab for t in request.prompt_token_ids):
-            return f"prompt token ids must be in [0, {vocab})"
-        max_tokens = request.params.max_tokens or 1
-        if n_prompt + max_tokens > self.max_model_len:
-            return (f"this model's maximum context length is {self.max_model_len} tokens; the request "
-                    f"has {n_prompt} prompt tokens and asks for {max_tokens} more")
-        if request.request_id in self.requests:
-            return f"request id {request.request_id!r} is already running"
-        return None
 
     # -- the step -------------------------------------------------------------------------------
 
@@ -203,115 +181,107 @@ class EngineCore:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        prepared = self.runner.prepare(batch)
-        logits, prompt_logits = self.runner.forward(prepared)
-        if prompt_logits is not None:
-            self._record_prompt_logprobs(batch, prepared, prompt_logits)
+        result = self.runner.execute(batch)
+        if result.prompt_logits is not None:
+            self._record_prompt_logprobs(batch, result)
         sampled: list[int | None] = [None] * len(batch.seqs)
-        sampled_logprob: dict[int, tuple[float, list]] = {}
-        if prepared.sample_rows:
-            rows, constrained, matchers = [], [], []
-            for k, r in enumerate(prepared.sample_rows):
-                seq = batch.seqs[r].seq
-                rid, index = self._seq_owner[seq.seq_id]
-                state = self.requests[rid]
-                rows.append(SamplingRow(params=seq.params, prompt_token_ids=seq.prompt_token_ids,
-                                        output_token_ids=seq.output_token_ids,
-                                        generator=state.generators[index]))
-                if state.matchers is not None:
-                    constrained.append(k)
-                    matchers.append(state.matchers[index])
+        chosen: dict[int, TokenLogprob] = {}
+        if result.sample_rows:
+            samples = [self._samples[batch.seqs[r].seq.seq_id] for r in result.sample_rows]
+            rows = [SamplingRow(params=s.seq.params, prompt_token_ids=s.seq.prompt_token_ids,
+                                output_token_ids=s.seq.output_token_ids, generator=s.generator) for s in samples]
+            constrained = [k for k, s in enumerate(samples) if s.matcher is not None]
             if constrained:
-                self._structured.apply(logits, constrained, matchers)
-            out = self.sampler(logits, rows, self.eos_token_ids)
-            for k, m in zip(constrained, matchers):
-                m.consume_token(out.token_ids[k])
-            for k, r in enumerate(prepared.sample_rows):
+                self._structured.apply(result.logits, constrained, [samples[k].matcher for k in constrained])
+            out = self.sampler(result.logits, rows, self.eos_token_ids)
+            for k in constrained:
+                samples[k].matcher.consume_token(out.token_ids[k])
+            for k, r in enumerate(result.sample_rows):
                 sampled[r] = out.token_ids[k]
                 top = out.top_logprobs[k] if out.top_logprobs is not None else []
-                sampled_logprob[r] = (out.logprobs[k], top)
+                chosen[r] = TokenLogprob(out.token_ids[k], out.logprobs[k], top)
         self.scheduler.update(batch, sampled)
-        return self._outputs(batch, sampled, sampled_logprob)
+        return self._outputs(batch, chosen)
 
-    def _record_prompt_logprobs(self, batch, prepared, prompt_logits) -> None:
-        for row, offset, count in prepared.prompt_logprob_spans:
+    def _record_prompt_logprobs(self, batch: Batch, result: ModelOutput) -> None:
+        for row, offset, count in result.prompt_logprob_spans:
             s = batch.seqs[row]
-            rid, index = self._seq_owner[s.seq.seq_id]
-            state = self.requests[rid]
+            sample = self._samples[s.seq.seq_id]
+            state = self.requests[sample.request_id]
             done = len(state.prompt_logprobs)
-            if index != 0 or s.start + count <= done:
+            if sample.index != 0 or s.start + count <= done:
                 continue  # one sample records them; a recompute after preemption adds nothing new
             skip = done - s.start if done > s.start else 0
             targets = s.seq.prompt_token_ids[s.start + 1 + skip: s.start + 1 + count]
-            state.prompt_logprobs.extend(compute_prompt_logprobs(
-                prompt_logits[offset + skip: offset + count], targets, s.seq.params.prompt_logprobs))
+            computed = compute_prompt_logprobs(result.prompt_logits[offset + skip: offset + count], targets,
+                                               s.seq.params.prompt_logprobs)
+            state.prompt_logprobs.extend(TokenLogprob(t, lp, top) for t, (lp, top) in zip(targets, computed))
 
-    def _outputs(self, batch, sampled, sampled_logprob) -> list[TokenOutput]:
+    def _outputs(self, batch: Batch, chosen: dict[int, TokenLogprob]) -> list[TokenOutput]:
         outputs = []
         for r, s in enumerate(batch.seqs):
-            seq = s.seq
-            if sampled[r] is None:
+            if r not in chosen:
                 continue
-            rid, index = self._seq_owner[seq.seq_id]
-            state = self.requests[rid]
+            seq = s.seq
+            sample = self._samples[seq.seq_id]
+            state = self.requests[sample.request_id]
             params = seq.params
-            logprob, top = sampled_logprob[r]
-            state.cumulative_logprobs[index] += logprob
-            token = sampled[r]
+            entry = chosen[r]
+            sample.cumulative_logprob += entry.logprob
             finished = seq.is_finished
-            if params.best_of and params.best_of > params.n:
+            if state.holds_back:
                 if finished:
                     state.num_finished += 1
-                    if state.num_finished == len(state.seqs):
-                        outputs.extend(self._finish_best_of(rid, state))
+                    if state.num_finished == len(state.samples):
+                        outputs.extend(self._finish_best_of(state))
                 continue
             prompt_logprobs = None
             if params.prompt_logprobs is not None and not state.prompt_logprobs_sent:
-                prompt_logprobs = [None] + state.prompt_logprobs
+                prompt_logprobs = [TokenLogprob(seq.prompt_token_ids[0], None)] + state.prompt_logprobs
                 state.prompt_logprobs_sent = True
             outputs.append(TokenOutput(
-                rid, index, [token], prompt_logprobs=prompt_logprobs,
-                new_logprobs=[logprob] if params.logprobs is not None else None,
-                new_top_logprobs=[top] if params.logprobs else None,
-                finish_reason=seq.finish_reason if finished else None,
-                stop_token_id=seq.stop_token_id,
-                num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens))
+                sample.request_id, sample.index, [entry.token_id], [entry] if params.logprobs is not None else None,
+                finish_reason=seq.finish_reason if finished else None, stop_token_id=seq.stop_token_id,
+                num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens,
+                prompt_logprobs=prompt_logprobs))
             if finished:
-                self._sample_done(rid, state, seq)
+                self._sample_done(state, sample)
         return outputs
 
-    def _sample_done(self, rid: str, state: _RequestState, seq: Sequence) -> None:
+    def _sample_done(self, state: _RequestState, sample: _Sample) -> None:
         """One sample finished (its last output is sent): forget it, and the request once all are done."""
-        self._seq_owner.pop(seq.seq_id, None)
+        self._samples.pop(sample.seq.seq_id, None)
         state.num_finished += 1
-        if state.num_finished == len(state.seqs):
-            del self.requests[rid]
-            self.num_requests_finished += 1
+        if state.num_finished == len(state.samples):
+            self._request_done(state)
 
-    def _finish_best_of(self, rid: str, state: _RequestState) -> list[TokenOutput]:
-        order = sorted(range(len(state.seqs)), key=lambda i: -state.cumulative_logprobs[i])
-        outputs = []
-        for index, i in enumerate(order[: state.request.params.n]):
-            seq = state.seqs[i]
-            outputs.append(TokenOutput(rid, index, list(seq.output_token_ids), finish_reason=seq.finish_reason,
-                                       stop_token_id=seq.stop_token_id, num_prompt_tokens=seq.num_prompt_tokens,
-                                       num_cached_tokens=seq.num_cached_tokens))
-        for seq in state.seqs:
-            self._seq_owner.pop(seq.seq_id, None)
-        del self.requests[rid]
+    def _request_done(self, state: _RequestState) -> None:
+        del self.requests[state.request.request_id]
         self.num_requests_finished += 1
+
+    def _finish_best_of(self, state: _RequestState) -> list[TokenOutput]:
+        best = sorted(state.samples, key=lambda s: -s.cumulative_logprob)[: state.request.params.n]
+        outputs = [TokenOutput(state.request.request_id, index, list(s.seq.output_token_ids),
+                               finish_reason=s.seq.finish_reason, stop_token_id=s.seq.stop_token_id,
+                               num_prompt_tokens=s.seq.num_prompt_tokens, num_cached_tokens=s.seq.num_cached_tokens)
+                   for index, s in enumerate(best)]
+        for sample in state.samples:
+            self._samples.pop(sample.seq.seq_id, None)
+        self._request_done(state)
         return outputs
 
-    def embed(self, request):
+    def embed(self, request: EmbedRequest) -> EmbedOutput:
         """Pool this decoder's hidden states for /v1/embeddings (between steps, on a scratch cache)."""
         from engine.embedding import decoder_embed_request
         return decoder_embed_request(self, request)
 
     def stats(self) -> EngineStats:
-        s = self.scheduler.stats()
-        return EngineStats(
-            num_running=s.num_running, num_waiting=s.num_waiting, num_blocks_total=s.num_blocks_total,
-            num_blocks_used=s.num_blocks_used, prefix_cache_queries=s.prefix_cache_queries,
-            prefix_cache_hits=s.prefix_cache_hits, num_preemptions=s.num_preemptions,
-            num_prompt_tokens=s.num_prompt_tokens, num_generation_tokens=s.num_generation_tokens,
-            num_requests_finished=self.num_requests_finished)
+        return EngineStats(self.scheduler.stats(), self.num_requests_finished)
+
+
+def _accepts(request: AddRequest, info: EngineInfo) -> bool:
+    try:
+        check_request(request.prompt_token_ids, request.params.max_tokens, info)
+    except InvalidRequest:
+        return False
+    return True

@@ -1,66 +1,80 @@
-"""The engine core in its own process: a loop over a pipe of plain dataclass messages."""
+"""The engine core in its own process: a loop over a pipe of the typed messages in engine/messages.py.
+
+The process is a fresh interpreter (`python -m engine.core_process`, or the packaged executable with
+ENGINE_FLAG) that inherits two pipe ends; it never imports its parent's main module, so a user's script
+needs no `if __name__ == "__main__":` guard (multiprocessing's spawn would re-run it in the child).
+"""
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
 import signal
+import subprocess
+import sys
 import traceback
 from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Protocol
 
 from engine.config import EngineConfig
-from engine.messages import AbortRequest, EmbedRequest, EngineRequest, StopSample
+from engine.messages import (AbortRequests, AddRequest, EmbedOutput, EmbedRequest, EngineFatal, EngineInfo,
+                             EngineStats, PhaseUpdate, Shutdown, StatsRequest, StepOutputs, StopSample, ToCore,
+                             TokenOutput)
 
 log = logging.getLogger("llm.engine")
 
-# Messages from the core: ("phase", str) | ("ready", EngineInfo) | ("fatal", str)
-#                         | ("outputs", list[TokenOutput], EngineStats) | ("stats", EngineStats)
-#                         | ("embeddings", EmbedOutput)
-# Messages to the core:   EngineRequest | AbortRequest | EmbedRequest | "stats" | "shutdown"
+ENGINE_FLAG = "--llm-engine-core"   # the packaged executable (launcher/frozen.py) runs the core when given this
+
+
+class Core(Protocol):
+    """What the loop drives: EngineCore (decoders) and EmbeddingCore (encoders)."""
+    info: EngineInfo
+
+    def add_request(self, request: AddRequest) -> list[TokenOutput]: ...
+    def abort(self, request_ids: list[str]) -> list[TokenOutput]: ...
+    def stop_sample(self, request_id: str, index: int) -> list[TokenOutput]: ...
+    def embed(self, request: EmbedRequest) -> EmbedOutput: ...
+    def has_work(self) -> bool: ...
+    def step(self) -> list[TokenOutput]: ...
+    def fail_all(self, message: str) -> list[TokenOutput]: ...
+    def stats(self) -> EngineStats: ...
 
 
 def run_engine_core(config: EngineConfig, requests: Connection, outputs: Connection) -> None:
-    """Process entry point: build the core, then serve until told to shut down or the pipe closes."""
+    """Build the core, then serve until told to shut down or the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     try:
-        from engine.embedding_core import EmbeddingCore, is_encoder_model
-        if is_encoder_model(config.model):
-            core = EmbeddingCore(config, on_phase=lambda phase: outputs.send(("phase", phase)))
-        else:
-            from engine.core import EngineCore
-            core = EngineCore(config, on_phase=lambda phase: outputs.send(("phase", phase)))
+        core = _build_core(config, lambda phase: outputs.send(PhaseUpdate(phase)))
     except Exception as e:  # startup errors are the user's to read: one line, no traceback
-        outputs.send(("fatal", f"{type(e).__name__}: {e}" if not str(e) else str(e)))
+        outputs.send(EngineFatal(f"{type(e).__name__}: {e}" if not str(e) else str(e)))
         return
-    outputs.send(("ready", core.info))
+    outputs.send(core.info)
     try:
         _serve(core, requests, outputs)
     except (EOFError, BrokenPipeError, OSError):
         pass  # the API process went away: nothing left to serve
 
 
-def _serve(core, requests: Connection, outputs: Connection) -> None:
+def _build_core(config: EngineConfig, on_phase) -> Core:
+    from engine.embedding_core import EmbeddingCore, is_encoder_model
+    if is_encoder_model(config.model):
+        return EmbeddingCore(config, on_phase=on_phase)
+    from engine.core import EngineCore
+    return EngineCore(config, on_phase=on_phase)
+
+
+def _serve(core: Core, requests: Connection, outputs: Connection) -> None:
     while True:
         if not core.has_work():
             requests.poll(None)  # idle: sleep until a message arrives
-        immediate = []
+        immediate: list[TokenOutput] = []
         while requests.poll(0):
-            msg = requests.recv()
-            if isinstance(msg, EngineRequest):
-                immediate.extend(core.add_request(msg))
-            elif isinstance(msg, AbortRequest):
-                immediate.extend(core.abort(msg.request_ids))
-            elif isinstance(msg, StopSample):
-                immediate.extend(core.stop_sample(msg.request_id, msg.index))
-            elif isinstance(msg, EmbedRequest):
-                outputs.send(("embeddings", core.embed(msg)))
-            elif msg == "stats":
-                outputs.send(("stats", core.stats()))
-            elif msg == "shutdown":
-                core.abort(list(core.requests))
-                outputs.send(("outputs", [], core.stats()))
+            msg: ToCore = requests.recv()
+            if isinstance(msg, Shutdown):
+                outputs.send(StepOutputs(immediate + core.abort(list(core.requests)), core.stats()))
                 return
-        step_outputs = []
+            immediate.extend(_handle(core, msg, outputs))
+        step_outputs: list[TokenOutput] = []
         if core.has_work():
             try:
                 step_outputs = core.step()
@@ -68,45 +82,119 @@ def _serve(core, requests: Connection, outputs: Connection) -> None:
                 log.error("engine step failed:\n%s", traceback.format_exc())
                 step_outputs = core.fail_all(f"internal engine error: {type(e).__name__}: {e}")
         if immediate or step_outputs:
-            outputs.send(("outputs", immediate + step_outputs, core.stats()))
+            outputs.send(StepOutputs(immediate + step_outputs, core.stats()))
+
+
+def _handle(core: Core, msg: ToCore, outputs: Connection) -> list[TokenOutput]:
+    """One message between steps; the outputs it produces at once. A message that trips an assertion
+    (a client's bug) fails only its own request."""
+    try:
+        match msg:
+            case AddRequest():
+                return core.add_request(msg)
+            case AbortRequests():
+                return core.abort(msg.request_ids)
+            case StopSample():
+                return core.stop_sample(msg.request_id, msg.index)
+            case EmbedRequest():
+                outputs.send(core.embed(msg))
+            case StatsRequest():
+                outputs.send(core.stats())
+            case _:
+                raise TypeError(f"not a message for the engine core: {type(msg).__name__}")
+    except Exception as e:
+        log.error("engine message %s failed:\n%s", type(msg).__name__, traceback.format_exc())
+        error = f"internal engine error: {type(e).__name__}: {e}"
+        if isinstance(msg, AddRequest):
+            core.abort([msg.request_id])
+            return [TokenOutput(msg.request_id, i, [], finish_reason="error", error=error)
+                    for i in range(msg.params.n)]
+        if isinstance(msg, EmbedRequest):
+            outputs.send(EmbedOutput(msg.request_id, error=error, error_code="engine_error"))
+    return []
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m engine.core_process REQUESTS_FD OUTPUTS_FD`: the first message is the EngineConfig."""
+    argv = sys.argv[1:] if argv is None else argv
+    requests = Connection(int(argv[0]), writable=False)
+    outputs = Connection(int(argv[1]), readable=False)
+    config = requests.recv()
+    assert isinstance(config, EngineConfig), type(config)
+    run_engine_core(config, requests, outputs)
+
+
+def engine_command(requests_fd: int, outputs_fd: int) -> list[str]:
+    if getattr(sys, "frozen", False):   # the packaged build: the executable itself, see launcher/frozen.py
+        return [sys.executable, ENGINE_FLAG, str(requests_fd), str(outputs_fd)]
+    return [sys.executable, "-m", "engine.core_process", str(requests_fd), str(outputs_fd)]
 
 
 class EngineProcess:
     """Handle on the engine process: start it, send messages, receive messages."""
 
     def __init__(self, config: EngineConfig):
-        ctx = mp.get_context("spawn")
-        self._requests_recv, self._requests_send = ctx.Pipe(duplex=False)
-        self._outputs_recv, self._outputs_send = ctx.Pipe(duplex=False)
-        self.process = ctx.Process(target=run_engine_core, name="llm-engine-core", daemon=True,
-                                   args=(config, self._requests_recv, self._outputs_send))
+        self.config = config
+        self.process: subprocess.Popen | None = None
+        self._requests: Connection | None = None
+        self._outputs: Connection | None = None
 
     def start(self) -> None:
-        self.process.start()
-        # Close our copies of the child's ends so EOF is seen when the child dies.
-        self._requests_recv.close()
-        self._outputs_send.close()
+        child_requests, requests = os.pipe()
+        outputs, child_outputs = os.pipe()
+        env = dict(os.environ)
+        # The child imports `engine` from where this process found it, whatever its working directory.
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        try:
+            self.process = subprocess.Popen(engine_command(child_requests, child_outputs), env=env,
+                                            pass_fds=(child_requests, child_outputs), stdin=subprocess.DEVNULL)
+        finally:
+            # Our copies of the child's ends close, so EOF is seen on either side when the other dies.
+            os.close(child_requests)
+            os.close(child_outputs)
+        self._requests = Connection(requests, readable=False)
+        self._outputs = Connection(outputs, writable=False)
+        self.send(self.config)
 
-    def send(self, msg) -> None:
-        self._requests_send.send(msg)
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    @property
+    def exit_code(self) -> int | None:
+        return self.process.poll() if self.process is not None else None
+
+    def send(self, msg: ToCore | EngineConfig) -> None:
+        self._requests.send(msg)
 
     def recv(self, timeout: float | None = None):
-        """The next message, or None on timeout; raises EOFError when the process is gone."""
-        if timeout is not None and not self._outputs_recv.poll(timeout):
+        """The next message (a FromCore), or None on timeout; raises EOFError when the process is gone."""
+        if timeout is not None and not self._outputs.poll(timeout):
             return None
-        return self._outputs_recv.recv()
+        return self._outputs.recv()
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        if self.process.is_alive():
+        if self.process is None:
+            return
+        if self.process.poll() is None:
             try:
-                self.send("shutdown")
+                self.send(Shutdown())
             except (BrokenPipeError, OSError):
                 pass
-            self.process.join(timeout)
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(2)
-        if self.process.is_alive():
-            os.kill(self.process.pid, signal.SIGKILL)
-        for conn in (self._requests_send, self._outputs_recv):
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.terminate()
+                try:
+                    self.process.wait(2)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait()
+        for conn in (self._requests, self._outputs):
             conn.close()
+        self.process = None
+
+
+if __name__ == "__main__":
+    main()

@@ -2,17 +2,13 @@
 from __future__ import annotations
 
 import bisect
-import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from engine.attention import AttentionMetadata
-from engine.model_runner import PreparedBatch
-
-log = logging.getLogger("llm.engine")
 
 SMALL_SIZES = (1, 2, 4, 8)   # below the step every size is worth a graph: padding 1 -> 8 would triple the work
 SIZE_STEP = 8                # then 16, 24, 32, ...: at most 7 padded rows per decode step
@@ -73,14 +69,10 @@ class DecodeBuffers:
 
     def meta(self, batch_size: int) -> AttentionMetadata:
         """Metadata over the first batch_size rows; what a graph of that size is captured with."""
-        empty = self._no_prefill[:0]
-        return AttentionMetadata(
-            slot_mapping=self.header[2, :batch_size], num_decode_tokens=batch_size,
-            decode_block_tables=self.block_tables[:batch_size], decode_context_lens=self.header[3, :batch_size],
-            # an upper bound: the Triton kernel ignores it, the torch twin gathers this many positions
-            max_decode_context_len=self.width * self.block_size,
-            prefill_cu_seqlens_q=self._no_prefill, prefill_context_lens=empty,
-            prefill_block_tables=self.block_tables[:0], max_prefill_query_len=0, max_prefill_context_len=0)
+        # max_context_len is an upper bound: the Triton kernel ignores it, the torch twin gathers this many
+        return AttentionMetadata.for_decode(self.header[2, :batch_size], self.block_tables[:batch_size],
+                                            self.header[3, :batch_size], self.width * self.block_size,
+                                            self._no_prefill)
 
     def fill(self, batch, batch_size: int) -> None:
         """Write a decode-only batch into rows [0, n) and padding into rows [n, batch_size)."""
@@ -137,16 +129,17 @@ class DecodeGraphs:
     def can_run(self, batch) -> bool:
         return batch.is_decode_only and 0 < batch.num_seqs <= self.batch_sizes[-1]
 
-    def prepare(self, batch) -> PreparedBatch:
-        """Fill the static buffers; the returned batch points the runner at the bucket to replay."""
-        n = batch.num_seqs
-        size = bucket_for(n, self.batch_sizes)
+    def bucket(self, batch) -> int:
+        """The captured batch size a decode-only batch runs as (its rows, then padding)."""
+        size = bucket_for(batch.num_seqs, self.batch_sizes)
+        assert size is not None and batch.is_decode_only, (batch.num_seqs, self.batch_sizes)
+        return size
+
+    def execute(self, batch) -> torch.Tensor:
+        """Logits [num_seqs, V] float32 of a decode-only batch: buffers filled, its bucket replayed."""
+        size = self.bucket(batch)
         self.buffers.fill(batch, size)
-        rows = self.buffers.header[:, :n]
-        return PreparedBatch(
-            input_ids=rows[0], positions=rows[1], meta=self.buffers.meta(size),
-            logits_indices=rows[0, :0], sample_rows=list(range(n)), prompt_logprob_spans=[],
-            prompt_logprob_indices=rows[0, :0], graph_batch_size=size)
+        return self.run(size)[: batch.num_seqs]
 
     def run(self, batch_size: int) -> torch.Tensor:
         """Logits [batch_size, V] float32 for the rows in the buffers: a replay, or eagerly before capture."""
@@ -186,55 +179,3 @@ class DecodeGraphs:
         torch.cuda.empty_cache()   # warm-up leftovers are not the graphs' memory
         used = max(0, free_before - torch.cuda.mem_get_info(device)[0]) + self.buffers.nbytes
         return GraphCaptureStats(self.batch_sizes, seconds, used)
-
-
-@dataclass(frozen=True, slots=True)
-class GpuStartup:
-    """The GPU-only startup phases, for EngineInfo and the startup log."""
-    autotune_seconds: float
-    num_configs_tuned: int      # timed this start (0 with a warm cache)
-    num_configs_loaded: int     # found in the cache file
-    graphs: GraphCaptureStats | None
-
-
-def prepare_gpu(runner, config, max_model_len: int,
-                on_phase: Callable[[str], None] = lambda phase: None) -> GpuStartup | None:
-    """Kernel warm-up (autotune) and then decode graph capture; attaches the graphs to the runner.
-
-    config is the EngineConfig. Returns None when the Triton ops are unavailable (torch twins on CUDA
-    sync with the host, so they cannot be captured).
-    """
-    from kernels import get_ops
-    ops = get_ops("cuda")
-    if not hasattr(ops, "warmup"):
-        log.warning("Triton kernels unavailable: running the torch twins on CUDA, no autotune, no graphs")
-        return None
-    mc = runner.config
-    sizes = graph_batch_sizes(config.max_num_seqs, config.cuda_graph_max_batch, config.cuda_graph_sizes)
-    dtype = runner.kv_caches[0][0].dtype
-    shapes = ops.ModelShapes(
-        hidden_size=mc.hidden_size, intermediate_size=mc.intermediate_size, num_heads=mc.num_attention_heads,
-        num_kv_heads=mc.num_key_value_heads, head_dim=mc.head_dim, block_size=runner.block_size,
-        max_model_len=max_model_len,
-        # the tuning buckets cover every decode batch, graphs or not
-        decode_batch_sizes=sizes or graph_batch_sizes(config.max_num_seqs),
-        prefill_query_lens=(max(config.max_num_batched_tokens, runner.block_size),), dtype=dtype)
-    on_phase("tuning kernels" if config.autotune else "loading kernel configs")
-    start = time.monotonic()
-    tuner = ops.warmup(shapes, runner.device, cache_dir=config.autotune_cache_dir,
-                       skip_tuning=not config.autotune,
-                       progress=lambda done, total, label: on_phase(f"tuning kernels {done}/{total}"))
-    autotune_seconds = time.monotonic() - start
-    torch.cuda.empty_cache()   # tuning scratch goes back before the graphs' pool is sized
-    log.info("kernel configs: %d from cache, %d tuned in %.1fs", tuner.num_loaded, tuner.num_tuned,
-             autotune_seconds)
-    stats = None
-    if config.cuda_graphs and sizes:
-        on_phase("capturing CUDA graphs")
-        graphs = DecodeGraphs(runner.model, runner.kv_caches, sizes, max_model_len, runner.block_size,
-                              runner.device)
-        stats = graphs.capture()
-        runner.graphs = graphs
-        log.info("captured %d decode graphs (batch %d..%d) in %.2fs holding %.0f MiB", len(sizes), sizes[0],
-                 sizes[-1], stats.capture_seconds, stats.memory_bytes / 2**20)
-    return GpuStartup(autotune_seconds, tuner.num_tuned, tuner.num_loaded, stats)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from engine.attention import AttentionMetadata
 from engine.loader import ModelFiles, iter_weights
 from engine.messages import EmbedOutput, EmbedRequest
+from engine.validation import check_inputs
 from engine.models.bert import BertConfig, BertModel
 
 # sentence-transformers' Pooling config key -> our mode name, in the order it concatenates them.
@@ -20,15 +21,6 @@ _ST_POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": 
                     "pooling_mode_mean_tokens": "mean", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
                     "pooling_mode_lasttoken": "lasttoken"}
 DECODER_POOLING = ("last", "mean")
-
-
-class InputTooLongError(ValueError):
-    """An input has more tokens than the model takes; the server answers 400 context_length_exceeded."""
-
-    def __init__(self, index: int, num_tokens: int, max_tokens: int):
-        super().__init__(f"input {index} has {num_tokens} tokens, more than this model's maximum of "
-                         f"{max_tokens} tokens")
-        self.index, self.num_tokens, self.max_tokens = index, num_tokens, max_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,17 +107,6 @@ def pool_packed(hidden: torch.Tensor, seq_lens: Sequence[int], mode: str) -> tor
         sums = hidden.new_zeros(len(lens), hidden.shape[1]).index_add_(0, seq_of_token, hidden)
         return sums / lens[:, None].to(hidden.dtype)
     raise ValueError(f"unknown decoder pooling {mode!r}; use one of {', '.join(DECODER_POOLING)}")
-
-
-def check_inputs(token_id_lists: Sequence[Sequence[int]], vocab_size: int, max_tokens: int) -> None:
-    """Every input non-empty, within the context and the vocabulary (bad ids crash CUDA gathers)."""
-    for i, ids in enumerate(token_id_lists):
-        if len(ids) == 0:
-            raise ValueError(f"input {i} is empty")
-        if len(ids) > max_tokens:
-            raise InputTooLongError(i, len(ids), max_tokens)
-        if min(ids) < 0 or max(ids) >= vocab_size:
-            raise ValueError(f"input {i}: token ids must be in [0, {vocab_size})")
 
 
 def chunks(lengths: Sequence[int], max_batch_tokens: int, padded: bool) -> Iterator[list[int]]:
@@ -274,13 +255,8 @@ def _prefill_metadata(seq_lens: list[int], block_size: int, device: torch.device
 
 
 def embed_request(embed: Callable[[list[list[int]]], torch.Tensor], request: EmbedRequest) -> EmbedOutput:
-    """Run an embedding call, turning input errors into an error output (never a dead engine)."""
-    try:
-        vectors = embed(request.inputs)
-    except InputTooLongError as e:
-        return EmbedOutput(request.request_id, error=str(e), error_code="context_length_exceeded")
-    except ValueError as e:
-        return EmbedOutput(request.request_id, error=str(e))
+    """Run an embedding call on inputs the client has checked (engine.validation.check_inputs)."""
+    vectors = embed(request.inputs)
     return EmbedOutput(request.request_id, embeddings=vectors.numpy(),
                        num_tokens=sum(len(ids) for ids in request.inputs))
 

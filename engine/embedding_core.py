@@ -1,4 +1,4 @@
-"""The engine core for an encoder (embedding-only) model, with EngineCore's surface for the process loop."""
+"""The engine core for an encoder (embedding-only) model: the process loop's Core, serving embeddings only."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.embedding import EmbeddingModel, embed_request
-from engine.messages import EmbedOutput, EmbedRequest, EngineInfo, EngineRequest, EngineStats, TokenOutput
+from engine.messages import AddRequest, EmbedOutput, EmbedRequest, EngineInfo, EngineStats, TokenOutput
 from engine.startup import pick_device, pick_dtype
 
 ENCODER_MODEL_TYPES = ("bert",)
@@ -27,7 +27,8 @@ def is_encoder_model(path: str | Path) -> bool:
 
 
 class EmbeddingCore:
-    """Serves /v1/embeddings for a sentence-transformers encoder; generation requests are refused."""
+    """Serves /v1/embeddings for a sentence-transformers encoder. It never holds a generation request:
+    clients refuse those for an embedding model (engine.validation.check_request)."""
 
     def __init__(self, config: EngineConfig, on_phase: Callable[[str], None] = lambda phase: None):
         start = time.monotonic()
@@ -37,22 +38,23 @@ class EmbeddingCore:
         dtype = pick_dtype(config.dtype, device)
         on_phase("loading weights")
         self.model = EmbeddingModel.from_path(config.model, device, dtype)
-        self.requests: dict = {}
+        self.requests: dict = {}   # always empty
         self.info = EngineInfo(
             model_name=config.served_name or config.model, max_model_len=self.model.max_seq_length,
             num_blocks=0, block_size=0, kv_capacity_tokens=0, device=str(device),
             dtype=str(dtype).removeprefix("torch."), eos_token_ids=(), vocab_size=self.model.model.config.vocab_size,
             is_embedding_model=True, load_seconds=time.monotonic() - start)
 
-    def add_request(self, request: EngineRequest) -> list[TokenOutput]:
-        return [TokenOutput(request.request_id, i, [], finish_reason="error",
-                            error="this is an embedding model: it does not generate text")
-                for i in range(request.params.n)]
+    def add_request(self, request: AddRequest) -> list[TokenOutput]:
+        raise AssertionError(f"{request.request_id}: an embedding model does not generate text")
 
     def embed(self, request: EmbedRequest) -> EmbedOutput:
         return embed_request(self.model.embed, request)
 
     def abort(self, request_ids: list[str]) -> list[TokenOutput]:
+        return []
+
+    def stop_sample(self, request_id: str, index: int) -> list[TokenOutput]:
         return []
 
     def fail_all(self, message: str) -> list[TokenOutput]:

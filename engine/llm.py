@@ -8,8 +8,12 @@ from dataclasses import dataclass, field
 from engine.config import EngineConfig
 from engine.core_process import EngineProcess
 from engine.loader import ModelFiles, load_tokenizer
-from engine.messages import EngineInfo, EngineRequest, TokenOutput
+from engine.messages import (AbortRequests, AddRequest, EngineFatal, EngineInfo, PhaseUpdate, StepOutputs,
+                             StopSample)
+from engine.output_processor import GenerationError, OutputProcessor
 from engine.sampling_params import SamplingParams
+from engine.validation import check_request
+from engine.weights import resolve_model
 
 
 @dataclass(slots=True)
@@ -33,15 +37,14 @@ class RequestOutput:
 
 class LLM:
     """Load a model into an engine process and generate offline. Use as a context manager or call
-    shutdown() to stop the process."""
+    shutdown() to stop the process. Works from a plain script: the engine process never re-runs it."""
 
     def __init__(self, model: str = "HuggingFaceTB/SmolLM2-135M-Instruct", *, revision: str | None = None,
                  offline: bool = False, **engine_kwargs):
-        from engine.weights import resolve_model
         path = resolve_model(model, revision=revision, offline=offline)
         self.config = EngineConfig(model=str(path), served_name=model, **engine_kwargs)
         self.tokenizer = load_tokenizer(ModelFiles.at(path))
-        self._process = EngineProcess(self.config)
+        self._process: EngineProcess | None = EngineProcess(self.config)
         self._process.start()
         self.info: EngineInfo = self._wait_ready()
         self._ids = itertools.count()
@@ -51,55 +54,57 @@ class LLM:
             try:
                 msg = self._process.recv()
             except EOFError:
-                raise RuntimeError("the engine process exited during startup") from None
-            if msg[0] == "ready":
-                return msg[1]
-            if msg[0] == "fatal":
-                self._process.shutdown()
-                raise RuntimeError(msg[1])
+                code = self._process.exit_code
+                self.shutdown()
+                raise RuntimeError(f"the engine process exited during startup (exit code {code}); what it "
+                                   "printed above says why") from None
+            match msg:
+                case EngineInfo():
+                    return msg
+                case EngineFatal():
+                    self.shutdown()
+                    raise RuntimeError(msg.message)
+                case PhaseUpdate():
+                    continue
 
     def generate(self, prompts: str | list[str] | list[list[int]],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Generate for each prompt (text or token ids); results in prompt order."""
+        """Generate for each prompt (text or token ids); results in prompt order. A prompt the engine
+        cannot take (empty, unknown ids, too long for max_model_len) raises InvalidRequest (a ValueError)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params_list = sampling_params if isinstance(sampling_params, list) else \
             [sampling_params or SamplingParams()] * len(prompts)
-        results: dict[str, RequestOutput] = {}
-        pending: dict[str, int] = {}
+        requests = []
         for prompt, params in zip(prompts, params_list):
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            rid = f"offline-{next(self._ids)}"
-            results[rid] = RequestOutput(rid, prompt if isinstance(prompt, str) else None, ids,
-                                         [CompletionOutput(i, "", [], None, 0.0) for i in range(params.n)])
-            pending[rid] = params.n
-            self._process.send(EngineRequest(rid, ids, params, time.monotonic()))
-        while pending:
+            check_request(ids, params.max_tokens, self.info)
+            requests.append((f"offline-{next(self._ids)}", prompt, ids, params))
+        processor = OutputProcessor(self.tokenizer)
+        for rid, _, ids, params in requests:
+            processor.add_request(rid, ids, params)
+            self._process.send(AddRequest(rid, ids, params, time.monotonic()))
+        while not processor.all_finished:
             msg = self._process.recv()
-            if msg[0] != "outputs":
+            if not isinstance(msg, StepOutputs):
                 continue
-            for out in msg[1]:
-                self._apply(results[out.request_id], out)
-                if out.finished:
-                    pending[out.request_id] -= 1
-                    if not pending[out.request_id]:
-                        del pending[out.request_id]
-        for result in results.values():
-            for completion in result.outputs:
-                completion.text = self.tokenizer.decode(completion.token_ids)
-        return list(results.values())
+            for out in msg.outputs:
+                result = processor.process(out)
+                if isinstance(result, GenerationError):
+                    self._process.send(AbortRequests([rid for rid, *_ in requests]))
+                    raise RuntimeError(f"request {result.request_id}: {result.message}")
+                if result is not None and result.stops_engine_sample:
+                    self._process.send(StopSample(out.request_id, out.index))
+        return [self._result(processor, rid, prompt, ids) for rid, prompt, ids, _ in requests]
 
-    def _apply(self, result: RequestOutput, out: TokenOutput) -> None:
-        if out.error:
-            raise RuntimeError(f"request {out.request_id}: {out.error}")
-        completion = result.outputs[out.index]
-        completion.token_ids.extend(out.new_token_ids)
-        if out.new_logprobs:
-            completion.logprobs = (completion.logprobs or []) + out.new_logprobs
-            completion.cumulative_logprob += sum(out.new_logprobs)
-        if out.finished:
-            completion.finish_reason = out.finish_reason
-            result.num_cached_tokens = out.num_cached_tokens
+    @staticmethod
+    def _result(processor: OutputProcessor, rid: str, prompt, ids: list[int]) -> RequestOutput:
+        outputs = [CompletionOutput(s.index, s.text, s.token_ids, s.finish_reason,
+                                    s.cumulative_logprob if s.logprobs else 0.0,
+                                    [e.logprob for e in s.logprobs] or None)
+                   for s in processor.samples(rid)]
+        return RequestOutput(rid, prompt if isinstance(prompt, str) else None, ids, outputs,
+                             processor.num_cached_tokens(rid))
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              tools: list[dict] | None = None) -> list[RequestOutput]:

@@ -1,13 +1,22 @@
-"""Plain dataclass messages between the API process and the engine core process."""
+"""The messages between the API process and the engine core process: one frozen dataclass each.
+
+To the core:   AddRequest | AbortRequests | StopSample | EmbedRequest | StatsRequest | Shutdown
+From the core: PhaseUpdate | EngineInfo (ready) | EngineFatal | StepOutputs | EngineStats | EmbedOutput
+Both loops dispatch on the type; nothing else crosses the pipe.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from engine.sampling_params import SamplingParams
+from engine.stats import SchedulerStats
+
+# -- to the core --------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
-class EngineRequest:
+class AddRequest:
+    """Generate for one prompt: params.n samples (best_of of them run when it is larger)."""
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
@@ -15,54 +24,50 @@ class EngineRequest:
 
 
 @dataclass(frozen=True, slots=True)
-class AbortRequest:
+class AbortRequests:
+    """Finish these requests now and free their blocks (unknown ids are ignored)."""
     request_ids: list[str]
 
 
 @dataclass(frozen=True, slots=True)
 class StopSample:
-    """One sample of a running request is done (the server saw a stop string in its text): finish it
+    """One sample of a running request is done (the client saw a stop string in its text): finish it
     with reason 'stop' and free its blocks; the request's other samples go on."""
     request_id: str
     index: int
 
 
 @dataclass(frozen=True, slots=True)
-class TokenOutput:
-    """New tokens of one sample (index) of one request, produced by one engine step.
-
-    For best_of > n the engine holds a request's samples back and sends them all when it finishes,
-    keeping only the n best by cumulative logprob.
-    """
+class EmbedRequest:
     request_id: str
-    index: int                                   # which of the request's n samples
-    new_token_ids: list[int]
-    new_logprobs: list[float] | None = None      # chosen tokens' logprobs (when asked)
-    new_top_logprobs: list[list[tuple[int, float]]] | None = None
-    finish_reason: str | None = None             # 'stop' | 'length' | 'abort' | 'error'; None = more
-    stop_token_id: int | None = None             # the eos/stop id that ended it (not in new_token_ids)
-    num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0                   # prompt tokens served from the prefix cache
-    prompt_logprobs: list | None = None          # [(logprob, [(id, logprob)...]) or None per prompt token]
-    error: str | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
+    inputs: list[list[int]]              # token ids per input (special tokens included)
+    pooling: str | None = None           # decoder models: 'last' | 'mean' (None: 'last')
+    normalize: bool = True               # decoder models only; encoders follow their own config
 
 
 @dataclass(frozen=True, slots=True)
-class EngineStats:
-    num_running: int = 0
-    num_waiting: int = 0
-    num_blocks_total: int = 0
-    num_blocks_used: int = 0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    num_preemptions: int = 0
-    num_prompt_tokens: int = 0
-    num_generation_tokens: int = 0
-    num_requests_finished: int = 0
+class StatsRequest:
+    """Answered with an EngineStats between two steps."""
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    """Abort what runs (each sample gets an 'abort' output), then leave the loop."""
+
+
+# -- from the core ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PhaseUpdate:
+    """A startup phase began ('loading weights', 'allocating KV cache', ...)."""
+    phase: str
+
+
+@dataclass(frozen=True, slots=True)
+class EngineFatal:
+    """The core could not start; the message is one line for the user."""
+    message: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,11 +88,48 @@ class EngineInfo:
 
 
 @dataclass(frozen=True, slots=True)
-class EmbedRequest:
+class TokenLogprob:
+    """One token's log-probability and the most likely alternatives at its position."""
+    token_id: int
+    logprob: float | None                  # None only for a prompt's first token (nothing predicts it)
+    top: list[tuple[int, float]] = field(default_factory=list)   # (token id, logprob), most likely first
+
+
+@dataclass(frozen=True, slots=True)
+class TokenOutput:
+    """New tokens of one sample (index) of one request, produced by one engine step.
+
+    For best_of > n the engine holds a request's samples back and sends them all when it finishes,
+    keeping only the n best by cumulative logprob.
+    """
     request_id: str
-    inputs: list[list[int]]              # token ids per input (special tokens included)
-    pooling: str | None = None           # decoder models: 'last' | 'mean' (None: 'last')
-    normalize: bool = True               # decoder models only; encoders follow their own config
+    index: int                                   # which of the request's n samples
+    new_token_ids: list[int]                     # the eos / stop id that ended a sample is the last one
+    new_logprobs: list[TokenLogprob] | None = None   # one per new token, when params.logprobs is set
+    finish_reason: str | None = None             # 'stop' | 'length' | 'abort' | 'error'; None = more
+    stop_token_id: int | None = None             # the eos / stop id that ended it, if one did
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0                   # prompt tokens served from the prefix cache
+    prompt_logprobs: list[TokenLogprob] | None = None   # one per prompt token, with a request's first output
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """A snapshot for /metrics: the scheduler's figures and what the core counts itself."""
+    scheduler: SchedulerStats = field(default_factory=SchedulerStats)
+    num_requests_finished: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StepOutputs:
+    """What one pass of the core's loop produced (immediate outputs of messages, then the step's)."""
+    outputs: list[TokenOutput]
+    stats: EngineStats
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,3 +139,7 @@ class EmbedOutput:
     num_tokens: int = 0
     error: str | None = None
     error_code: str | None = None        # 'context_length_exceeded' for an over-long input
+
+
+ToCore = AddRequest | AbortRequests | StopSample | EmbedRequest | StatsRequest | Shutdown
+FromCore = PhaseUpdate | EngineFatal | EngineInfo | StepOutputs | EngineStats | EmbedOutput

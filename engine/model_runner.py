@@ -1,31 +1,61 @@
-"""ModelRunner: owns the model and the KV cache; turns a scheduler Batch into tensors, logits, token ids."""
+"""ModelRunner: owns the model, the KV cache and the decode graphs; a scheduler Batch in, logits out."""
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from engine.attention import AttentionMetadata
-from engine.config import ModelConfig
+from engine.config import EngineConfig, ModelConfig
+from engine.cuda_graph import DecodeGraphs, GraphCaptureStats, graph_batch_sizes
+from engine.scheduler import Batch
+
+log = logging.getLogger("llm.engine")
+
+
+class PromptLogprobSpan(NamedTuple):
+    """Positions of one batch row whose logits give its prompt logprobs."""
+    row: int       # the batch row
+    offset: int    # its first row in ModelOutput.prompt_logits
+    count: int     # how many positions
 
 
 @dataclass(frozen=True, slots=True)
-class PreparedBatch:
-    input_ids: torch.Tensor        # [T]
-    positions: torch.Tensor        # [T]
+class ModelOutput:
+    """One step's logits: a row per sampling sequence, and the prompt-logprob positions when asked."""
+    logits: torch.Tensor                        # [S, V] float32
+    sample_rows: list[int]                      # the batch row of each logits row
+    prompt_logits: torch.Tensor | None = None   # [P, V] float32, rows laid out by the spans
+    prompt_logprob_spans: tuple[PromptLogprobSpan, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GpuStartup:
+    """The GPU-only startup phases, for the startup log and the benchmarks."""
+    autotune_seconds: float
+    num_configs_tuned: int      # timed this start (0 with a warm cache)
+    num_configs_loaded: int     # found in the cache file
+    graphs: GraphCaptureStats | None
+
+
+@dataclass(frozen=True, slots=True)
+class _EagerInputs:
+    input_ids: torch.Tensor                     # [T]
+    positions: torch.Tensor                     # [T]
     meta: AttentionMetadata
-    logits_indices: torch.Tensor   # [S] rows of the hidden states to sample from (one per sampling seq)
-    sample_rows: list[int]         # batch row index of each sampling seq
-    # Prompt logprobs: (batch row, first hidden row, number of positions) for rows that asked for them;
-    # their hidden rows follow the S sampling rows in the logits.
-    prompt_logprob_spans: list[tuple[int, int, int]]
-    prompt_logprob_indices: torch.Tensor
-    graph_batch_size: int = 0      # > 0: inputs sit in the decode graphs' buffers; replay this bucket
+    logits_indices: torch.Tensor                # [S] hidden rows to sample from, one per sampling row
+    sample_rows: list[int]
+    prompt_logprob_spans: tuple[PromptLogprobSpan, ...]
+    prompt_logprob_indices: torch.Tensor        # [P] hidden rows of the spans, in span order
 
 
 class ModelRunner:
-    """Batch -> tensors -> model -> logits. Never mutates requests (the scheduler owns them)."""
+    """Batch -> tensors -> model -> logits. Never mutates sequences (the scheduler owns them)."""
 
     def __init__(self, model: torch.nn.Module, config: ModelConfig, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device):
@@ -37,29 +67,90 @@ class ModelRunner:
         shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
         self.kv_caches = [(_zeros(shape, dtype, device), _zeros(shape, dtype, device))
                           for _ in range(config.num_hidden_layers)]
-        self.graphs = None  # engine.cuda_graph.DecodeGraphs, attached after capture on CUDA
+        self.graphs: DecodeGraphs | None = None   # set by use_decode_graphs
 
     @staticmethod
     def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
         return 2 * config.num_hidden_layers * block_size * config.num_key_value_heads * config.head_dim * elem
 
-    def prepare(self, batch) -> PreparedBatch:
-        """Flatten a Batch (decode rows first, then prefill rows) into model inputs."""
+    # -- setup ----------------------------------------------------------------------------------
+
+    def warm_up(self, config: EngineConfig, max_model_len: int,
+                on_phase: Callable[[str], None] = lambda phase: None) -> GpuStartup | None:
+        """On CUDA: settle every kernel's config (tuned once per GPU, cached; see kernels/autotune.py), then
+        capture the decode graphs. None when the Triton ops are unavailable (the torch twins sync with the
+        host, so they cannot be captured)."""
+        from kernels import get_ops
+        ops = get_ops("cuda")
+        if not hasattr(ops, "warmup"):
+            log.warning("Triton kernels unavailable: running the torch twins on CUDA, no autotune, no graphs")
+            return None
+        mc = self.config
+        sizes = graph_batch_sizes(config.max_num_seqs, config.cuda_graph_max_batch, config.cuda_graph_sizes)
+        shapes = ops.ModelShapes(
+            hidden_size=mc.hidden_size, intermediate_size=mc.intermediate_size, num_heads=mc.num_attention_heads,
+            num_kv_heads=mc.num_key_value_heads, head_dim=mc.head_dim, block_size=self.block_size,
+            max_model_len=max_model_len,
+            # the tuning buckets cover every decode batch, graphs or not
+            decode_batch_sizes=sizes or graph_batch_sizes(config.max_num_seqs),
+            prefill_query_lens=(max(config.max_num_batched_tokens, self.block_size),),
+            dtype=self.kv_caches[0][0].dtype)
+        on_phase("tuning kernels" if config.autotune else "loading kernel configs")
+        start = time.monotonic()
+        tuner = ops.warmup(shapes, self.device, cache_dir=config.autotune_cache_dir,
+                           skip_tuning=not config.autotune,
+                           progress=lambda done, total, label: on_phase(f"tuning kernels {done}/{total}"))
+        autotune_seconds = time.monotonic() - start
+        torch.cuda.empty_cache()   # tuning scratch goes back before the graphs' pool is sized
+        log.info("kernel configs: %d from cache, %d tuned in %.1fs", tuner.num_loaded, tuner.num_tuned,
+                 autotune_seconds)
+        stats = None
+        if config.cuda_graphs and sizes:
+            on_phase("capturing CUDA graphs")
+            stats = self.use_decode_graphs(sizes, max_model_len)
+            log.info("captured %d decode graphs (batch %d..%d) in %.2fs holding %.0f MiB", len(sizes), sizes[0],
+                     sizes[-1], stats.capture_seconds, stats.memory_bytes / 2**20)
+        return GpuStartup(autotune_seconds, tuner.num_tuned, tuner.num_loaded, stats)
+
+    def use_decode_graphs(self, batch_sizes: Sequence[int], max_model_len: int) -> GraphCaptureStats | None:
+        """Run decode-only batches of up to max(batch_sizes) rows from static buffers padded to a bucket,
+        captured as CUDA graphs on a GPU (elsewhere the same buffers and padding run eagerly)."""
+        graphs = DecodeGraphs(self.model, self.kv_caches, batch_sizes, max_model_len, self.block_size, self.device)
+        stats = graphs.capture() if self.device.type == "cuda" else None
+        self.graphs = graphs
+        return stats
+
+    # -- one step -------------------------------------------------------------------------------
+
+    def execute(self, batch: Batch) -> ModelOutput:
+        """Run one scheduled batch: a decode graph when one fits it, else the model eagerly."""
         if self.graphs is not None and self.graphs.can_run(batch):
-            return self.graphs.prepare(batch)
+            return ModelOutput(self.graphs.execute(batch), list(range(batch.num_seqs)))
+        return self.execute_eager(batch)
+
+    @torch.inference_mode()
+    def execute_eager(self, batch: Batch) -> ModelOutput:
+        inputs = self._prepare(batch)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        prompt_logits = None
+        if inputs.prompt_logprob_spans:
+            prompt_logits = self.model.compute_logits(hidden[inputs.prompt_logprob_indices])
+        return ModelOutput(logits, inputs.sample_rows, prompt_logits, inputs.prompt_logprob_spans)
+
+    def _prepare(self, batch: Batch) -> _EagerInputs:
+        """Flatten a Batch (decode rows first, then prefill rows) into model inputs."""
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         logits_indices: list[int] = []
         sample_rows: list[int] = []
-        decode_tables, decode_lens, prefill_tables, prefill_lens = [], [], [], []
-        spans: list[tuple[int, int, int]] = []
+        decode_tables, decode_lens = [], []
+        prefill_tables, prefill_query_lens, prefill_lens = [], [], []
+        spans: list[PromptLogprobSpan] = []
         span_indices: list[int] = []
-        cu = [0]
-        num_decode_tokens = 0
-        max_q = 0
         for row, s in enumerate(batch.seqs):
             seq = s.seq
             end = s.start + s.num_tokens
@@ -72,62 +163,32 @@ class ModelRunner:
             # Positions p < num_prompt - 1 predict a prompt token: their logits give prompt logprobs.
             wanted = min(end, seq.num_prompt_tokens - 1) - s.start
             if seq.params.prompt_logprobs is not None and wanted > 0:
-                spans.append((row, len(span_indices), wanted))
+                spans.append(PromptLogprobSpan(row, len(span_indices), wanted))
                 span_indices.extend(range(first, first + wanted))
             pos = range(s.start, end)
             positions.extend(pos)
             slots.extend(table[p // bs] * bs + p % bs for p in pos)
-            if s.num_tokens == 1 and not prefill_lens:
-                num_decode_tokens += 1
+            if row < batch.num_decodes:
                 decode_tables.append(table)
                 decode_lens.append(end)
             else:
                 prefill_tables.append(table)
+                prefill_query_lens.append(s.num_tokens)
                 prefill_lens.append(end)
-                cu.append(cu[-1] + s.num_tokens)
-                max_q = max(max_q, s.num_tokens)
             if s.sample:
                 logits_indices.append(len(input_ids) - 1)
                 sample_rows.append(row)
         dev = self.device
-
-        def table_tensor(tables: list[list[int]]) -> torch.Tensor:
-            width = max((len(t) for t in tables), default=1)
-            return torch.tensor([t + [0] * (width - len(t)) for t in tables] or [[0]],
-                                dtype=torch.int64, device=dev)[: len(tables)]
-
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            num_decode_tokens=num_decode_tokens,
-            decode_block_tables=table_tensor(decode_tables),
-            decode_context_lens=torch.tensor(decode_lens, dtype=torch.int64, device=dev),
-            max_decode_context_len=max(decode_lens, default=0),
-            prefill_cu_seqlens_q=torch.tensor(cu, dtype=torch.int64, device=dev),
-            prefill_context_lens=torch.tensor(prefill_lens, dtype=torch.int64, device=dev),
-            prefill_block_tables=table_tensor(prefill_tables),
-            max_prefill_query_len=max_q,
-            max_prefill_context_len=max(prefill_lens, default=0),
-        )
-        return PreparedBatch(
+        meta = AttentionMetadata.for_batch(dev, slots, decode_tables, decode_lens, prefill_tables,
+                                           prefill_query_lens, prefill_lens)
+        return _EagerInputs(
             input_ids=torch.tensor(input_ids, dtype=torch.int64, device=dev),
             positions=torch.tensor(positions, dtype=torch.int64, device=dev),
             meta=meta,
             logits_indices=torch.tensor(logits_indices, dtype=torch.int64, device=dev),
             sample_rows=sample_rows,
-            prompt_logprob_spans=spans,
+            prompt_logprob_spans=tuple(spans),
             prompt_logprob_indices=torch.tensor(span_indices, dtype=torch.int64, device=dev))
-
-    @torch.inference_mode()
-    def forward(self, prepared: PreparedBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run the model: logits [S, V] float32 for the sampling rows, and for the prompt-logprob
-        positions (None when no row asked for them)."""
-        if prepared.graph_batch_size:
-            return self.graphs.run(prepared.graph_batch_size)[: len(prepared.sample_rows)], None
-        hidden = self.model(prepared.input_ids, prepared.positions, self.kv_caches, prepared.meta)
-        logits = self.model.compute_logits(hidden[prepared.logits_indices])
-        if not prepared.prompt_logprob_spans:
-            return logits, None
-        return logits, self.model.compute_logits(hidden[prepared.prompt_logprob_indices])
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

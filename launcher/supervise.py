@@ -1,6 +1,7 @@
 """Spawn the server process for a profile, show its startup, forward signals, shut down cleanly."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -15,24 +16,25 @@ from pathlib import Path
 
 from engine.config import EngineConfig
 from launcher.profile import Profile, ProfileError, engine_kwargs
-from launcher.server.settings import LaunchSpec, ServerSettings, write_launch_spec
+from launcher.server.settings import LaunchSpec, ModelSettings, ServerSettings, write_launch_spec
 
 _POLL_S = 0.25
 _STOP_GRACE_S = 15.0
 SERVER_FLAG = "--llm-server"   # the packaged executable (launcher/frozen.py) runs the server when given this
 
 
-def build_launch(profile: Profile, model_path: str) -> LaunchSpec:
-    """Map a profile (and the resolved model path) to the server's settings and the engine's config."""
+def build_launch(profile: Profile, model_path: str, tokenizer_path: str | None = None) -> LaunchSpec:
+    """Map a profile (and the resolved model and tokenizer paths) to the server's settings and the model's."""
     s, m, d = profile.server, profile.model, profile.defaults
     settings = ServerSettings(
-        host=s.host, port=s.port, served_model_names=tuple(m.names), model_root=m.source,
-        api_keys=tuple(s.resolve_api_keys()), cors_origins=tuple(s.cors_origins),
+        host=s.host, port=s.port, api_keys=tuple(s.resolve_api_keys()), cors_origins=tuple(s.cors_origins),
         max_request_body_bytes=s.max_request_body_bytes, max_queued_requests=s.max_queued_requests,
-        request_timeout_s=s.request_timeout_s, chat_template=m.chat_template,
-        default_sampling=d.sampling_overrides(), use_generation_config=d.use_generation_config,
-        log_requests=s.log_requests)
-    return LaunchSpec(settings, EngineConfig(model=model_path, **engine_kwargs(profile)))
+        request_timeout_s=s.request_timeout_s, log_requests=s.log_requests)
+    model = ModelSettings(
+        engine=EngineConfig(model=model_path, **engine_kwargs(profile)), served_model_names=tuple(m.names),
+        model_root=m.source, chat_template=m.chat_template, tokenizer=tokenizer_path,
+        default_sampling=d.sampling_overrides(), use_generation_config=d.use_generation_config)
+    return LaunchSpec(settings, (model,))
 
 
 def free_port(host: str) -> int:
@@ -46,26 +48,21 @@ def serve(profile: Profile) -> int:
     from engine.weights import WeightsError, resolve_model
     try:
         path = resolve_model(profile.model.source, revision=profile.model.revision, offline=profile.model.offline)
-        spec = build_launch(profile, str(path))
-        if profile.model.tokenizer:
-            tokenizer = resolve_model(profile.model.tokenizer, offline=profile.model.offline)
-            spec = LaunchSpec(_replace(spec.settings, tokenizer=str(tokenizer)), spec.engine)
+        tokenizer = resolve_model(profile.model.tokenizer, offline=profile.model.offline) \
+            if profile.model.tokenizer else None
+        spec = build_launch(profile, str(path), str(tokenizer) if tokenizer else None)
     except (ProfileError, WeightsError, OSError, ValueError) as e:
         print(f"llm serve: {e}", file=sys.stderr)
         return 1
     if spec.settings.port == 0:
-        spec = LaunchSpec(_replace(spec.settings, port=free_port(spec.settings.host)), spec.engine)
+        spec = dataclasses.replace(spec, settings=dataclasses.replace(spec.settings,
+                                                                      port=free_port(spec.settings.host)))
     with tempfile.TemporaryDirectory(prefix="llm-serve-") as tmp:
         status_file = str(Path(tmp) / "status")
-        spec = LaunchSpec(_replace(spec.settings, status_file=status_file), spec.engine)
+        spec = dataclasses.replace(spec, settings=dataclasses.replace(spec.settings, status_file=status_file))
         spec_file = Path(tmp) / "spec.pickle"
         write_launch_spec(spec, spec_file)
-        return _supervise(spec.settings, spec_file, Path(status_file))
-
-
-def _replace(settings: ServerSettings, **changes) -> ServerSettings:
-    import dataclasses
-    return dataclasses.replace(settings, **changes)
+        return _supervise(spec, spec_file, Path(status_file))
 
 
 def server_command(spec_file: Path) -> list[str]:
@@ -75,8 +72,9 @@ def server_command(spec_file: Path) -> list[str]:
     return [sys.executable, "-m", "launcher.server", str(spec_file)]
 
 
-def _supervise(settings: ServerSettings, spec_file: Path, status_file: Path) -> int:
+def _supervise(spec: LaunchSpec, spec_file: Path, status_file: Path) -> int:
     started = time.monotonic()
+    settings = spec.settings
     # NOTE: the server gets its own session so a terminal's Ctrl-C reaches only us; we forward it once.
     child = subprocess.Popen(server_command(spec_file), start_new_session=True, preexec_fn=_die_with_parent)
     stopping = {"signal": None}
@@ -92,7 +90,7 @@ def _supervise(settings: ServerSettings, spec_file: Path, status_file: Path) -> 
         url = f"http://{'[' + host + ']' if ':' in host else host}:{settings.port}"
         ready = _wait_ready(child, url, stopping)
         if ready is not None:
-            names = list(settings.served_model_names)
+            names = [name for model in spec.models for name in model.served_model_names]
             alias = f" (aliases: {', '.join(names[1:])})" if len(names) > 1 else ""
             print(f"llm: serving {names[0]}{alias} at {url}/v1 | device {ready.get('device')} | KV cache "
                   f"{ready.get('kv_capacity_tokens')} tokens | max_model_len {ready.get('max_model_len')} | "

@@ -180,11 +180,11 @@ def prompts_for(count: int, length: int | tuple[int, int], vocab: int, seed: int
 
 
 def submit(core, prompts: list[list[int]], params, tag: str) -> list[str]:
-    from engine.messages import EngineRequest
+    from engine.messages import AddRequest
     ids = []
     for i, prompt in enumerate(prompts):
         rid = f"{tag}{i}"
-        assert not core.add_request(EngineRequest(rid, prompt, params, time.monotonic()))
+        assert not core.add_request(AddRequest(rid, prompt, params, time.monotonic()))
         ids.append(rid)
     return ids
 
@@ -236,7 +236,7 @@ def parity(core, hf_model, plan: Plan, vocab: int) -> dict:
         for o in core.step():
             assert o.error is None, o.error
             ours[o.request_id][0].extend(o.new_token_ids)
-            ours[o.request_id][1].extend(o.new_logprobs or [])
+            ours[o.request_id][1].extend(e.logprob for e in o.new_logprobs or [])
     same, lp_diff, ranks, gaps = 0, 0.0, [], []
     for rid, prompt in zip(ids, prompts):
         ids_t = torch.tensor([prompt], device=plan.device)

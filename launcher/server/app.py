@@ -1,25 +1,27 @@
 """The Sanic app: routes only (logic lives in serving_*, parsing in protocol*, plumbing in middleware/lifecycle)."""
 from __future__ import annotations
 
+import asyncio
+
 from sanic import HTTPResponse, Sanic
 from sanic.request import Request
 from sanic.response import html
 
-from engine.config import EngineConfig
 from launcher.server import lifecycle, middleware
 from launcher.server.errors import APIError, OpenAIErrorHandler
 from launcher.server.fields import parse_json_body
+from launcher.server.metrics import render as render_metrics
 from launcher.server.openapi import DOCS_HTML, openapi_spec
 from launcher.server.responses import json_response
 from launcher.server.serving_chat import create_chat_completion
 from launcher.server.serving_completions import create_completion
 from launcher.server.serving_embeddings import create_embedding
 from launcher.server.serving_models import detokenize, list_models, retrieve_model, tokenize, version_info
-from launcher.server.settings import ServerSettings
+from launcher.server.settings import ModelSettings, ServerSettings
 from launcher.server.state import ServerState
 
 
-def build_app(settings: ServerSettings, engine_config: EngineConfig, name: str = "llm") -> Sanic:
+def build_app(settings: ServerSettings, models: tuple[ModelSettings, ...], name: str = "llm") -> Sanic:
     app = Sanic(name, error_handler=OpenAIErrorHandler(), configure_logging=False)
     app.config.REQUEST_MAX_SIZE = settings.max_request_body_bytes
     app.config.RESPONSE_TIMEOUT = settings.request_timeout_s + 30   # our own limits end requests first
@@ -28,7 +30,7 @@ def build_app(settings: ServerSettings, engine_config: EngineConfig, name: str =
     app.config.NOISY_EXCEPTIONS = False
     app.config.TOUCHUP = False
     app.config.AUTO_EXTEND = False
-    app.ctx.state = ServerState(settings, engine_config)
+    app.ctx.state = ServerState(settings, models)
     middleware.install(app)
     lifecycle.install(app)
     _routes(app)
@@ -57,8 +59,8 @@ def _routes(app: Sanic) -> None:
             body = APIError(503, f"not ready: {state.phase}", "service_unavailable_error",
                             code="model_not_ready").body()
             return json_response({**body, "status": "starting", "phase": state.phase}, 503, {"Retry-After": "1"})
-        info = state.info
-        return json_response({"status": "ready", "phase": "ready", "models": list(state.settings.served_model_names),
+        info = state.registry.primary.info   # the ready line shows the first model's figures
+        return json_response({"status": "ready", "phase": "ready", "models": state.registry.names,
                               "device": info.device, "dtype": info.dtype, "max_model_len": info.max_model_len,
                               "kv_capacity_tokens": info.kv_capacity_tokens,
                               "startup_seconds": round(state.ready_seconds or 0.0, 2)})
@@ -103,9 +105,11 @@ def _routes(app: Sanic) -> None:
     @app.get("/metrics")
     async def metrics(request: Request) -> HTTPResponse:
         state = _state(request)
-        stats = await state.engine.refresh_stats() if state.engine.is_ready else state.engine.stats
-        return HTTPResponse(state.metrics.render(stats, state.num_in_flight),
-                            content_type="text/plain; version=0.0.4; charset=utf-8")
+        models = state.registry.models
+        stats = await asyncio.gather(*(m.client.stats() for m in models))
+        text = render_metrics([(m.metrics, s) for m, s in zip(models, stats)], state.num_in_flight,
+                              state.http_requests)
+        return HTTPResponse(text, content_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/openapi.json")
     async def openapi(request: Request) -> HTTPResponse:

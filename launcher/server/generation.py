@@ -1,119 +1,113 @@
-"""Engine outputs -> text: per-sample detokenizing, stop strings, logprobs, and merging request streams."""
+"""Generation: one HTTP generation request from its engine requests to per-choice text deltas.
+
+The chat and completions handlers parse a request, build a Generation and format what it yields; this
+is the one place that runs the engine requests (one per prompt, params.n samples each), feeds their
+outputs to the output processor, stops samples a stop string ended, times them for /metrics, enforces
+the request timeout, and turns the engine's errors into HTTP ones.
+"""
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from engine.async_client import EngineDeadError
-from engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from engine.messages import TokenOutput
+from engine.messages import TokenLogprob, TokenOutput
+from engine.output_processor import GenerationError, OutputProcessor, SampleDelta, SampleState
+from engine.protocol import EngineDeadError
 from engine.sampling_params import SamplingParams
+from engine.validation import InvalidRequest, check_request
 from launcher.server.errors import APIError
+from launcher.server.responses import usage
+from launcher.server.served_model import ServedModel
+
+# How the engine's errors reach a client.
+_ERRORS = {"engine_error": (500, "server_error"), "aborted": (503, "service_unavailable_error")}
+_MESSAGES = {"aborted": "the request was aborted (the server is shutting down)"}
 
 
 @dataclass(frozen=True, slots=True)
-class TokenLogprob:
-    token_id: int
-    logprob: float | None                  # None only for a prompt's first token (nothing predicts it)
-    top: list[tuple[int, float]]           # the k most likely alternatives (may include token_id)
+class EnginePrompt:
+    """One prompt of a request, ready for the engine: its token ids and final sampling params."""
+    token_ids: list[int]
+    params: SamplingParams
 
 
-@dataclass(slots=True)
-class Delta:
-    """What one engine output adds to one sample: text safe to show, tokens, and the end if it came."""
-    text: str = ""
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    num_new_tokens: int = 0
-    finish_reason: str | None = None
+class Generation:
+    """The prompts of one request, each an engine request of params.n samples; choice i * n + j is
+    sample j of prompt i."""
+
+    def __init__(self, model: ServedModel, request_id: str, prompts: list[EnginePrompt],
+                 timeout_s: float | None, *, score_only: bool = False, param: str = "prompt"):
+        # score_only: an echo request with max_tokens 0 — the engine samples one token, which is dropped.
+        for p in prompts:
+            try:
+                check_request(p.token_ids, p.params.max_tokens, model.info, param)
+            except InvalidRequest as e:
+                raise APIError(400, str(e), param=e.param, code=e.code) from None
+        self.model = model
+        self.request_id = request_id
+        self.created = int(time.time())
+        self.prompts = prompts
+        self._timeout_s = timeout_s
+        self._engine_ids = [f"{request_id}-{i}" for i in range(len(prompts))]
+        self._processor = OutputProcessor(model.tokenizer)
+        self.samples: list[SampleState] = []   # in choice order
+        for i, (rid, p) in enumerate(zip(self._engine_ids, prompts)):
+            self.samples += self._processor.add_request(rid, p.token_ids, p.params, first_index=i * p.params.n,
+                                                        score_only=score_only)
+        self._prompt_of = {rid: i for i, rid in enumerate(self._engine_ids)}
+        self._timers = [model.metrics.timer() for _ in prompts]
+
+    async def stream(self) -> AsyncIterator[SampleDelta]:
+        """Every output as a delta of its choice, until all choices have finished (a stop string may end
+        a choice before the engine does: leaving then aborts what the engine still runs)."""
+        client = self.model.client
+        streams = [client.generate(rid, p.token_ids, p.params) for rid, p in zip(self._engine_ids, self.prompts)]
+        async with contextlib.aclosing(_merge(streams, self._timeout_s)) as outputs:
+            async for out in outputs:
+                delta = self._processor.process(out)
+                if delta is None:
+                    continue
+                if isinstance(delta, GenerationError):
+                    status, kind = _ERRORS[delta.code]
+                    raise APIError(status, _MESSAGES.get(delta.code, delta.message), kind, code=delta.code)
+                if delta.stops_engine_sample:
+                    client.stop_sample(out.request_id, out.index)
+                self._timers[self._prompt_of[out.request_id]].tokens(len(delta.token_ids))
+                yield delta
+                if self._processor.all_finished:
+                    break
+        for i, timer in enumerate(self._timers):
+            samples = self.samples_of(i)
+            timer.finish(samples[0].finish_reason or "abort", len(self.prompts[i].token_ids),
+                         sum(len(s.token_ids) for s in samples))
+
+    async def run(self) -> None:
+        """Generate to the end (the non-streaming answers read self.samples afterwards)."""
+        async for _ in self.stream():
+            pass
+
+    def samples_of(self, prompt_index: int) -> list[SampleState]:
+        return self._processor.samples(self._engine_ids[prompt_index])
+
+    def prompt_logprobs(self, prompt_index: int) -> list[TokenLogprob]:
+        """The prompt's token logprobs (requests with params.prompt_logprobs), which come with its first output."""
+        entries = self._processor.prompt_logprobs(self._engine_ids[prompt_index])
+        if entries is None:
+            raise APIError(500, "the engine sent no prompt logprobs", "server_error", code="engine_error")
+        return entries
+
+    def usage(self) -> dict:
+        return usage(sum(len(p.token_ids) for p in self.prompts), sum(len(s.token_ids) for s in self.samples),
+                     sum(self._processor.num_cached_tokens(rid) for rid in self._engine_ids))
 
 
-class SampleText:
-    """One sample's text as it streams: the detokenizer feeds the stop-string matcher."""
-
-    def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams, score_only: bool = False):
-        # score_only: an echo request with max_tokens 0; the engine must sample one token, which is dropped.
-        self._score_only = score_only
-        self._detok = IncrementalDetokenizer(tokenizer, prompt_token_ids, params.skip_special_tokens)
-        self._stops = StopStringMatcher(params.stop, params.include_stop_str_in_output)
-        self._include_stop = params.include_stop_str_in_output
-        self.token_ids: list[int] = []
-        self.text = ""
-        self.finish_reason: str | None = None
-        self.stop_reason: int | str | None = None   # vLLM's field: the stop string or stop token id
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    def push(self, out: TokenOutput) -> Delta:
-        if self.finished:  # already ended by a stop string; the engine is still producing (n > 1)
-            return Delta()
-        if out.finish_reason == "error":
-            raise APIError(500, f"generation failed: {out.error or 'engine error'}", "server_error",
-                           code="engine_error")
-        if out.finish_reason == "abort":
-            raise APIError(503, "the request was aborted (the server is shutting down)",
-                           "service_unavailable_error", code="aborted")
-        if self._score_only:
-            self.finish_reason = "length"
-            return Delta(finish_reason="length")
-        ids = list(out.new_token_ids)
-        self.token_ids.extend(ids)
-        delta = Delta(num_new_tokens=len(ids), logprobs=_logprobs(out))
-        text_ids = ids
-        # The eos / stop id ends the sample but is not text, unless the client asked for stops in the output.
-        if out.stop_token_id is not None and ids and ids[-1] == out.stop_token_id and not self._include_stop:
-            text_ids = ids[:-1]
-        piece = self._detok.push(text_ids)
-        if out.finished:
-            piece += self._detok.flush()
-        check = self._stops.push(piece)
-        delta.text = check.text
-        if check.stopped:
-            self.finish_reason, self.stop_reason = "stop", check.stop_str
-        elif out.finished:
-            delta.text += self._stops.flush()
-            self.finish_reason = out.finish_reason
-            self.stop_reason = out.stop_token_id
-        delta.finish_reason = self.finish_reason
-        self.text += delta.text
-        return delta
-
-
-def push_output(engine, sample: SampleText, out: TokenOutput) -> Delta:
-    """Feed one engine output to its sample. When a stop string ends the sample before the engine has
-    (the engine never sees text), tell the engine to stop that sample, so that with n > 1 it does not
-    keep generating for it until its siblings finish."""
-    was_finished = sample.finished
-    delta = sample.push(out)
-    if sample.finished and not was_finished and not out.finished:
-        engine.stop_sample(out.request_id, out.index)
-    return delta
-
-
-def _logprobs(out: TokenOutput) -> list[TokenLogprob]:
-    if out.new_logprobs is None:
-        return []
-    tops = out.new_top_logprobs or [[] for _ in out.new_token_ids]
-    return [TokenLogprob(t, lp, list(top)) for t, lp, top in zip(out.new_token_ids, out.new_logprobs, tops)]
-
-
-def prompt_logprobs(prompt_token_ids: list[int], raw: list) -> list[TokenLogprob]:
-    """The engine's prompt logprobs ([None, (logprob, top) ...], one per prompt token) as TokenLogprobs."""
-    assert len(raw) == len(prompt_token_ids), (len(raw), len(prompt_token_ids))
-    return [TokenLogprob(t, None, []) if item is None else TokenLogprob(t, item[0], [tuple(x) for x in item[1]])
-            for t, item in zip(prompt_token_ids, raw)]
-
-
-async def merge_streams(streams: list[AsyncIterator[TokenOutput]],
-                        timeout_s: float | None = None) -> AsyncIterator[tuple[int, TokenOutput]]:
-    """(stream index, output) from several engine requests as they come; leaving early aborts them all.
-
-    Past `timeout_s` the requests are aborted (their KV blocks freed) and a 408 is raised.
-    """
-    merged = _single(streams[0]) if len(streams) == 1 else _merge(streams)
+async def _merge(streams: list[AsyncIterator[TokenOutput]], timeout_s: float | None) -> AsyncIterator[TokenOutput]:
+    """Outputs of several engine requests as they come; leaving early aborts them all. Past `timeout_s`
+    the requests are aborted (their KV blocks freed) and a 408 is raised."""
+    merged = streams[0] if len(streams) == 1 else _interleave(streams)
     try:
         async with contextlib.aclosing(_deadline(merged, timeout_s)) as items:
             async for item in items:
@@ -124,13 +118,6 @@ async def merge_streams(streams: list[AsyncIterator[TokenOutput]],
     except asyncio.TimeoutError:
         raise APIError(408, f"the request ran longer than the server's limit of {timeout_s:g} s and was "
                        "stopped", "timeout_error", code="request_timeout") from None
-
-
-async def _single(stream: AsyncIterator[TokenOutput]) -> AsyncIterator[tuple[int, TokenOutput]]:
-    # The common case: no tasks, the caller's cancellation reaches the stream directly.
-    async with contextlib.aclosing(stream) as only:
-        async for out in only:
-            yield 0, out
 
 
 async def _deadline(items: AsyncIterator, timeout_s: float | None) -> AsyncIterator:
@@ -151,31 +138,31 @@ async def _deadline(items: AsyncIterator, timeout_s: float | None) -> AsyncItera
             yield item
 
 
-async def _merge(streams: list[AsyncIterator[TokenOutput]]) -> AsyncIterator[tuple[int, TokenOutput]]:
+async def _interleave(streams: list[AsyncIterator[TokenOutput]]) -> AsyncIterator[TokenOutput]:
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
-    async def pump(i: int, stream: AsyncIterator[TokenOutput]) -> None:
+    async def pump(stream: AsyncIterator[TokenOutput]) -> None:
         try:
             async with contextlib.aclosing(stream) as s:
                 async for out in s:
-                    queue.put_nowait((i, out))
+                    queue.put_nowait(out)
         except BaseException as e:  # handed to the consumer, which raises it
-            queue.put_nowait((i, e))
+            queue.put_nowait(e)
             return
-        queue.put_nowait((i, done))
+        queue.put_nowait(done)
 
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    tasks = [asyncio.create_task(pump(s)) for s in streams]
     try:
         remaining = len(tasks)
         while remaining:
-            i, item = await queue.get()
+            item = await queue.get()
             if item is done:
                 remaining -= 1
             elif isinstance(item, BaseException):
                 raise item
             else:
-                yield i, item
+                yield item
     finally:
         for task in tasks:
             task.cancel()

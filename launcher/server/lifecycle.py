@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sanic import Sanic
 
-from engine.async_client import EngineStartupError
+from engine.protocol import EngineStartupError
 
 log = logging.getLogger("llm.server")
 
@@ -36,15 +36,16 @@ async def _start_engine(app: Sanic) -> None:
         log.exception("startup failed")
         _fail(app, f"startup failed: {type(e).__name__}: {e}")
         return
-    info = state.info
-    log.info("ready: serving %s on %s (%s), max_model_len %d, KV cache %d tokens, startup %.1fs",
-             ", ".join(state.settings.served_model_names), info.device, info.dtype, info.max_model_len,
-             info.kv_capacity_tokens, state.ready_seconds)
+    for model in state.registry.models:
+        info = model.info
+        log.info("ready: serving %s on %s (%s), max_model_len %d, KV cache %d tokens, startup %.1fs",
+                 ", ".join(model.names), info.device, info.dtype, info.max_model_len, info.kv_capacity_tokens,
+                 state.ready_seconds)
     try:
-        while True:  # the engine process dying later is fatal too: exit so a supervisor can restart us
+        while True:  # an engine process dying later is fatal too: exit so a supervisor can restart us
             await asyncio.sleep(0.5)
-            if state.engine.error is not None and not state.shutting_down:
-                _fail(app, f"the engine process failed: {state.engine.error}")
+            if state.registry.error is not None and not state.shutting_down:
+                _fail(app, f"the engine process failed: {state.registry.error}")
                 return
     except asyncio.CancelledError:
         return  # the server is stopping
@@ -64,4 +65,4 @@ async def _before_stop(app: Sanic) -> None:
 
 
 async def _after_stop(app: Sanic) -> None:
-    await app.ctx.state.engine.shutdown()
+    await app.ctx.state.registry.shutdown()

@@ -25,9 +25,9 @@ class Histogram:
         self.sum += value
         self.count += 1
 
-    def render(self, labels: str) -> list[str]:
+    def render(self, labels: str, with_header: bool = True) -> list[str]:
         full = PREFIX + self.name
-        lines = [f"# HELP {full} {self.doc}", f"# TYPE {full} histogram"]
+        lines = [f"# HELP {full} {self.doc}", f"# TYPE {full} histogram"] if with_header else []
         cumulative = 0
         for bound, n in zip((*self.buckets, float("inf")), self.counts):
             cumulative += n
@@ -37,8 +37,8 @@ class Histogram:
         return lines
 
 
-class ServerMetrics:
-    """Per-request histograms and counters kept by the server; engine gauges come from EngineStats."""
+class ModelMetrics:
+    """What the server measures of one model's requests: latency and size histograms, finish reasons."""
 
     def __init__(self, model_name: str):
         self.labels = f'model_name="{_escape(model_name)}"'
@@ -50,50 +50,66 @@ class ServerMetrics:
         self.prompt_hist = Histogram("request_prompt_tokens", "Prompt tokens per request.", _TOKEN_BUCKETS)
         self.gen_hist = Histogram("request_generation_tokens", "Generated tokens per request.", _TOKEN_BUCKETS)
         self.finished: Counter[str] = Counter()    # finished_reason -> count
-        self.http: Counter[tuple[str, int]] = Counter()
 
     def timer(self) -> "RequestTimer":
         return RequestTimer(self)
 
-    def render(self, stats: EngineStats, num_in_flight: int) -> str:
-        lb = self.labels
-        lines: list[str] = []
+    @property
+    def histograms(self) -> tuple[Histogram, ...]:
+        return (self.ttft, self.itl, self.e2e, self.prompt_hist, self.gen_hist)
 
-        def metric(name: str, kind: str, doc: str, value: float, labels: str = lb) -> None:
-            full = PREFIX + name
-            lines.extend([f"# HELP {full} {doc}", f"# TYPE {full} {kind}", f"{full}{{{labels}}} {value}"])
 
-        usage = stats.num_blocks_used / stats.num_blocks_total if stats.num_blocks_total else 0.0
-        metric("num_requests_running", "gauge", "Sequences in the running batch.", stats.num_running)
-        metric("num_requests_waiting", "gauge", "Sequences waiting to be scheduled.", stats.num_waiting)
-        metric("num_requests_in_flight", "gauge", "HTTP generation requests being served.", num_in_flight)
-        metric("kv_cache_usage_perc", "gauge", "KV-cache usage; 1 means 100 percent.", usage)
-        metric("kv_cache_blocks_used", "gauge", "KV-cache blocks held by live sequences.", stats.num_blocks_used)
-        metric("kv_cache_blocks_total", "gauge", "KV-cache blocks in the pool.", stats.num_blocks_total)
-        metric("prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.",
-               stats.prefix_cache_queries)
-        metric("prefix_cache_hits_total", "counter", "Prompt tokens served from the prefix cache.",
-               stats.prefix_cache_hits)
-        metric("num_preemptions_total", "counter", "Cumulative preemptions.", stats.num_preemptions)
-        metric("prompt_tokens_total", "counter", "Prompt tokens processed.", stats.num_prompt_tokens)
-        metric("generation_tokens_total", "counter", "Generation tokens produced.", stats.num_generation_tokens)
-        full = PREFIX + "request_success_total"
-        lines += [f"# HELP {full} Finished requests by finish reason.", f"# TYPE {full} counter"]
-        for reason in sorted(set(self.finished) | {"stop", "length", "abort"}):
-            lines.append(f'{full}{{{lb},finished_reason="{reason}"}} {self.finished[reason]}')
-        full = PREFIX + "http_requests_total"
-        lines += [f"# HELP {full} HTTP requests by route and status.", f"# TYPE {full} counter"]
-        for (route, status), n in sorted(self.http.items()):
-            lines.append(f'{full}{{route="{_escape(route)}",status="{status}"}} {n}')
-        for hist in (self.ttft, self.itl, self.e2e, self.prompt_hist, self.gen_hist):
-            lines += hist.render(lb)
-        return "\n".join(lines) + "\n"
+# (name, type, help, value of the engine's stats) for the gauges and counters the engine reports
+_ENGINE_METRICS = (
+    ("num_requests_running", "gauge", "Sequences in the running batch.", lambda s: s.scheduler.num_running),
+    ("num_requests_waiting", "gauge", "Sequences waiting to be scheduled.", lambda s: s.scheduler.num_waiting),
+    ("kv_cache_usage_perc", "gauge", "KV-cache usage; 1 means 100 percent.", lambda s: s.scheduler.kv_cache_usage),
+    ("kv_cache_blocks_used", "gauge", "KV-cache blocks held by live sequences.",
+     lambda s: s.scheduler.num_blocks_used),
+    ("kv_cache_blocks_total", "gauge", "KV-cache blocks in the pool.", lambda s: s.scheduler.num_blocks_total),
+    ("prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.",
+     lambda s: s.scheduler.prefix_cache_queries),
+    ("prefix_cache_hits_total", "counter", "Prompt tokens served from the prefix cache.",
+     lambda s: s.scheduler.prefix_cache_hits),
+    ("num_preemptions_total", "counter", "Cumulative preemptions.", lambda s: s.scheduler.num_preemptions),
+    ("prompt_tokens_total", "counter", "Prompt tokens processed.", lambda s: s.scheduler.num_prompt_tokens),
+    ("generation_tokens_total", "counter", "Generation tokens produced.",
+     lambda s: s.scheduler.num_generation_tokens),
+)
+
+
+def render(models: list[tuple[ModelMetrics, EngineStats]], num_in_flight: int,
+           http: Counter[tuple[str, int]]) -> str:
+    """The Prometheus text: each metric once, with one sample per model (its model_name label)."""
+    lines: list[str] = []
+
+    def header(name: str, kind: str, doc: str) -> str:
+        full = PREFIX + name
+        lines.extend([f"# HELP {full} {doc}", f"# TYPE {full} {kind}"])
+        return full
+
+    for name, kind, doc, value in _ENGINE_METRICS:
+        full = header(name, kind, doc)
+        lines.extend(f"{full}{{{m.labels}}} {value(stats)}" for m, stats in models)
+    full = header("num_requests_in_flight", "gauge", "HTTP generation requests being served.")
+    lines.append(f"{full} {num_in_flight}")
+    full = header("request_success_total", "counter", "Finished requests by finish reason.")
+    for m, _ in models:
+        for reason in sorted(set(m.finished) | {"stop", "length", "abort"}):
+            lines.append(f'{full}{{{m.labels},finished_reason="{reason}"}} {m.finished[reason]}')
+    full = header("http_requests_total", "counter", "HTTP requests by route and status.")
+    for (route, status), n in sorted(http.items()):
+        lines.append(f'{full}{{route="{_escape(route)}",status="{status}"}} {n}')
+    for same_metric in zip(*(m.histograms for m, _ in models)):
+        for i, (hist, (m, _)) in enumerate(zip(same_metric, models)):
+            lines += hist.render(m.labels, with_header=i == 0)
+    return "\n".join(lines) + "\n"
 
 
 class RequestTimer:
     """Times one request: first token, gaps between tokens, end to end."""
 
-    def __init__(self, metrics: ServerMetrics):
+    def __init__(self, metrics: ModelMetrics):
         self._metrics = metrics
         self._start = self._last = time.monotonic()
         self._first = True

@@ -65,7 +65,7 @@ async def _on_response(request: Request, response: HTTPResponse) -> None:
             response.headers["Access-Control-Max-Age"] = "600"
         response.headers["Access-Control-Expose-Headers"] = "X-Request-Id"
     route = request.route.path if request.route else "(unmatched)"
-    state.metrics.http[("/" + route.lstrip("/"), response.status)] += 1
+    state.http_requests[("/" + route.lstrip("/"), response.status)] += 1
     if settings.log_requests:
         elapsed = time.monotonic() - getattr(request.ctx, "started", time.monotonic())
         log.info("%s %s %d %.3fs id=%s", request.method, request.path, response.status, elapsed, request_id)

@@ -184,6 +184,11 @@ def parse_completion_request(body: dict, vocab_size: int) -> CompletionRequest:
                              add_special_tokens=bool(f.bool("add_special_tokens", True)))
 
 
+def requested_model(body: dict) -> str:
+    """The body's `model` (a 400 when it is missing or not a string): which model the registry serves it with."""
+    return _model(Fields(body))
+
+
 def _model(f: Fields) -> str:
     model = f.raw("model")
     if model is None:

@@ -5,7 +5,8 @@ import base64
 
 import numpy as np
 
-from engine.async_client import EngineDeadError
+from engine.protocol import EngineDeadError
+from engine.validation import InvalidRequest, check_inputs
 from launcher.server.errors import APIError, bad_request
 from launcher.server.fields import Fields
 from launcher.server.protocol import read_prompts
@@ -16,11 +17,11 @@ DECODER_POOLING = ("last", "mean")
 
 async def create_embedding(state: ServerState, body: dict) -> dict:
     f = Fields(body)
-    model = f.raw("model")
-    if not isinstance(model, str):
+    name = f.raw("model")
+    if not isinstance(name, str):
         raise bad_request("'model' (a string) is required", "model")
-    state.check_model(model)
-    info = state.info
+    model = state.registry.ready(name)
+    info = model.info
     inputs = read_prompts(f.raw("input"), info.vocab_size, param="input")
     encoding = f.str("encoding_format", "float", choices=("float", "base64"))
     pooling = f.str("pooling", None, choices=DECODER_POOLING)  # our extension, decoder models only
@@ -29,20 +30,18 @@ async def create_embedding(state: ServerState, body: dict) -> dict:
     normalize = bool(f.bool("normalize", True))
     dimensions = f.int("dimensions", lo=1)
     f.str("user")
-    token_lists = [state.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in inputs]
-    for i, ids in enumerate(token_lists):
-        if not ids:
-            raise bad_request(f"input {i} is empty", "input")
-        if len(ids) > info.max_model_len:
-            raise APIError(400, f"input {i} has {len(ids)} tokens, more than this model's maximum of "
-                           f"{info.max_model_len} tokens", param="input", code="context_length_exceeded")
+    token_lists = [model.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in inputs]
+    try:
+        check_inputs(token_lists, info.vocab_size, info.max_model_len)
+    except InvalidRequest as e:
+        raise APIError(400, str(e), param=e.param, code=e.code) from None
     with state.admitted():
         try:
-            out = await state.engine.embed(state.new_request_id("embd"), token_lists, pooling, normalize)
+            out = await model.client.embed(state.new_request_id("embd"), token_lists, pooling, normalize)
         except EngineDeadError as e:
             raise APIError(503, f"the engine is not available: {e}", "service_unavailable_error") from None
     if out.error:
-        raise APIError(400, out.error, param="input", code=out.error_code)
+        raise APIError(500, f"embedding failed: {out.error}", "server_error", code=out.error_code)
     vectors = np.asarray(out.embeddings, dtype=np.float32)
     if dimensions is not None and dimensions != vectors.shape[1]:
         raise bad_request(f"this model's embeddings have {vectors.shape[1]} dimensions and cannot be shortened "
@@ -50,5 +49,5 @@ async def create_embedding(state: ServerState, body: dict) -> dict:
     data = [{"object": "embedding", "index": i,
              "embedding": base64.b64encode(row.tobytes()).decode() if encoding == "base64" else row.tolist()}
             for i, row in enumerate(vectors)]
-    return {"object": "list", "data": data, "model": model,
+    return {"object": "list", "data": data, "model": name,
             "usage": {"prompt_tokens": out.num_tokens, "total_tokens": out.num_tokens}}

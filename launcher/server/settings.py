@@ -1,4 +1,4 @@
-"""ServerSettings: what the HTTP server needs besides the engine config (a frozen, picklable seam)."""
+"""What the server process is handed (a frozen, picklable seam): ServerSettings, and ModelSettings per model."""
 from __future__ import annotations
 
 import pickle
@@ -11,23 +11,30 @@ from engine.config import EngineConfig
 
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
+    """The HTTP side, shared by every model."""
     host: str = "127.0.0.1"
     port: int = 8000
-    served_model_names: tuple[str, ...] = ()   # first = primary; every name is an alias of the same model
-    model_root: str = ""                        # the real checkpoint (path or repo id), shown as `root`
     api_keys: tuple[str, ...] = ()              # empty: no auth
     cors_origins: tuple[str, ...] = ()          # empty: CORS off; '*' allows any origin
     max_request_body_bytes: int = 16 * 1024 * 1024
     max_queued_requests: int = 1024             # in-flight requests beyond this get 503
     request_timeout_s: float = 600.0
+    log_level: str = "info"
+    log_requests: bool = False
+    status_file: str | None = None              # where a fatal error is written for the supervisor
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSettings:
+    """One local model: its engine, the names it is served under, and what the server adds around it."""
+    engine: EngineConfig
+    served_model_names: tuple[str, ...]         # first = primary; every name is an alias of the same model
+    model_root: str = ""                        # the real checkpoint (path or repo id), shown as `root`
     chat_template: str | None = None            # a Jinja file overriding the model's template
     tokenizer: str | None = None                # a tokenizer directory or .gguf overriding the model's
     chat_template_content_format: str = "auto"  # auto | string | openai
     default_sampling: dict[str, Any] = field(default_factory=dict)   # profile [defaults] overrides
     use_generation_config: bool = True          # take the model's generation_config.json defaults
-    log_level: str = "info"
-    log_requests: bool = False
-    status_file: str | None = None              # where a fatal error is written for the supervisor
 
     @property
     def primary_name(self) -> str:
@@ -38,7 +45,7 @@ class ServerSettings:
 class LaunchSpec:
     """Everything the server process needs: handed over as a pickle file by the supervisor."""
     settings: ServerSettings
-    engine: EngineConfig
+    models: tuple[ModelSettings, ...]
 
 
 def write_launch_spec(spec: LaunchSpec, path: str | Path) -> None:

@@ -6,7 +6,7 @@ import time
 import torch
 
 from engine.config import EngineConfig
-from engine.messages import EngineRequest, TokenOutput
+from engine.messages import AddRequest, TokenOutput
 from engine.sampling_params import SamplingParams
 
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
@@ -45,7 +45,7 @@ def run_to_completion(core, prompts: list[list[int]], params: SamplingParams | l
     params_list = params if isinstance(params, list) else [params] * len(prompts)
     outputs: dict[str, list[int]] = {}
     for i, (prompt, p) in enumerate(zip(prompts, params_list)):
-        immediate = core.add_request(EngineRequest(f"r{i}", prompt, p, time.monotonic()))
+        immediate = core.add_request(AddRequest(f"r{i}", prompt, p, time.monotonic()))
         assert not immediate, immediate
         outputs[f"r{i}"] = []
     for _ in range(max_steps):

@@ -92,8 +92,7 @@ def test_only_decode_only_batches_within_the_largest_bucket_use_graphs():
     seq.block_table = [1]
     mixed = Batch(decode.seqs[:1] + [ScheduledSeq(seq, 0, 4, sample=True)], 5, 1)
     assert not mixed.is_decode_only and not graphs.can_run(mixed)
-    prepared = graphs.prepare(_decode_batch([([1, 2, 3], [0])] * 3))
-    assert prepared.graph_batch_size == 4 and prepared.sample_rows == [0, 1, 2]
+    assert graphs.bucket(_decode_batch([([1, 2, 3], [0])] * 3)) == 4
 
 
 # -- the padded static path against eager decode ---------------------------------------------------
@@ -108,29 +107,22 @@ def checkpoint(tmp_path_factory):
 def _spy_on_graph_steps(core) -> list[tuple[int, float, float]]:
     """Make every graph step also run eagerly on the same batch; records (rows, max |diff|, min top-2 gap)."""
     runner = core.runner
-    prepare, forward = runner.prepare, runner.forward
-    records, last = [], {}
+    execute = runner.execute
+    records = []
 
-    def spy_prepare(batch):
-        last["batch"] = batch
-        return prepare(batch)
-
-    def spy_forward(prepared):
-        logits, extra = forward(prepared)
-        if prepared.graph_batch_size:
-            replayed = logits.clone()
-            graphs, runner.graphs = runner.graphs, None
-            try:
-                eager, _ = forward(prepare(last["batch"]))
-            finally:
-                runner.graphs = graphs
+    def spy_execute(batch):
+        out = execute(batch)
+        if runner.graphs.can_run(batch):
+            assert out.sample_rows == list(range(batch.num_seqs))
+            replayed = out.logits.clone()
+            eager = runner.execute_eager(batch).logits
             top2 = eager.topk(2, dim=-1).values
             records.append((len(replayed), float((replayed - eager).abs().max()),
                             float((top2[:, 0] - top2[:, 1]).min())))
             assert torch.equal(replayed.argmax(-1), eager.argmax(-1)) or records[-1][1] * 3 > records[-1][2]
-        return logits, extra
+        return out
 
-    runner.prepare, runner.forward = spy_prepare, spy_forward
+    runner.execute = spy_execute
     return records
 
 
@@ -140,8 +132,7 @@ def _compare_graph_and_eager_decode(checkpoint, device: str, dtype: str, capture
     eager_core = EngineCore(engine_config(checkpoint, cuda_graphs=False, **kwargs))
     graph_core = EngineCore(engine_config(checkpoint, **kwargs))
     if not capture:   # CPU: the same buffers and padding, run eagerly (capture needs CUDA)
-        r = graph_core.runner
-        r.graphs = DecodeGraphs(r.model, r.kv_caches, (1, 2, 4, 8), graph_core.max_model_len, 8, r.device)
+        graph_core.runner.use_decode_graphs((1, 2, 4, 8), graph_core.max_model_len)
     assert graph_core.runner.graphs is not None and eager_core.runner.graphs is None
     records = _spy_on_graph_steps(graph_core)
     gen = torch.Generator().manual_seed(3)

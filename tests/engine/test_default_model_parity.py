@@ -79,4 +79,4 @@ def test_greedy_matches_transformers_token_for_token(default_gguf_path, prompts,
     mismatches = [i for i, ref in enumerate(hf_outputs) if ours[f"r{i}"] != ref]
     assert not mismatches, f"prompts {mismatches} differ from transformers"
     assert any(len(o) == NEW_TOKENS for o in hf_outputs), "some outputs must run the full 64 tokens"
-    assert core.stats().num_blocks_used == 0
+    assert core.stats().scheduler.num_blocks_used == 0

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from engine.core import EngineCore
-from engine.embedding import (EmbeddingModel, InputTooLongError, PoolingConfig, decoder_embed,
-                              pool_padded)
+from engine.embedding import EmbeddingModel, PoolingConfig, decoder_embed, pool_padded
 from engine.loader import ModelFiles, load_config, load_model
 from engine.tokenizer import Tokenizer
+from engine.validation import InputTooLongError
 from tests.engine.helpers import engine_config, tiny_hf_model
 
 SENTENCES = [
@@ -171,7 +171,7 @@ def test_decoder_embed_through_engine_core(tiny_decoder):
     core = EngineCore(engine_config(path, max_model_len=64))
     prompts = decoder_prompts()
     torch.testing.assert_close(decoder_embed(core, prompts), decoder_embed(ours, prompts), atol=1e-6, rtol=0)
-    assert core.stats().num_blocks_used == 0
+    assert core.stats().scheduler.num_blocks_used == 0
     with pytest.raises(InputTooLongError, match=r"65 tokens.*maximum of 64"):
         decoder_embed(core, [[5] * 65])
     with pytest.raises(ValueError, match="pooling"):

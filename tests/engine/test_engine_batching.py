@@ -5,8 +5,9 @@ import pytest
 
 from engine.config import EngineConfig
 from engine.core import EngineCore
-from engine.messages import EngineRequest
+from engine.messages import AddRequest
 from engine.sampling_params import SamplingParams
+from engine.validation import InvalidRequest, check_request
 from tests.engine.helpers import collect, run_to_completion
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24)
@@ -36,7 +37,7 @@ def test_batch_invariance(core, reference):
     prompts, alone = reference
     together = run_to_completion(core, prompts, GREEDY)
     assert [together[f"r{i}"] for i in range(len(prompts))] == alone
-    assert core.stats().num_blocks_used == 0
+    assert core.stats().scheduler.num_blocks_used == 0
 
 
 def test_kv_pressure_preempts_and_still_gives_the_same_tokens(default_gguf_path, reference):
@@ -47,7 +48,7 @@ def test_kv_pressure_preempts_and_still_gives_the_same_tokens(default_gguf_path,
     assert small.info.num_blocks == 40
     out = run_to_completion(small, prompts, GREEDY)
     assert [out[f"r{i}"] for i in range(len(prompts))] == alone
-    stats = small.stats()
+    stats = small.stats().scheduler
     assert stats.num_preemptions > 0
     assert stats.num_blocks_used == 0 and small.block_manager.num_free_blocks == 40
 
@@ -57,11 +58,11 @@ def test_abort_half_frees_blocks_and_the_rest_complete(core, reference):
     params = SamplingParams(temperature=0, max_tokens=24)
     outputs: dict[str, list[int]] = {}
     for i, p in enumerate(prompts):
-        core.add_request(EngineRequest(f"a{i}", p, params, time.monotonic()))
+        core.add_request(AddRequest(f"a{i}", p, params, time.monotonic()))
     for _ in range(6):  # a few decode steps in
         for out in core.step():
             collect(outputs, out)
-    assert core.stats().num_blocks_used > 0
+    assert core.stats().scheduler.num_blocks_used > 0
     aborted = [f"a{i}" for i in range(0, 32, 2)]
     results = core.abort(aborted)
     assert {o.request_id for o in results} == set(aborted) and all(o.finish_reason == "abort" for o in results)
@@ -70,7 +71,7 @@ def test_abort_half_frees_blocks_and_the_rest_complete(core, reference):
             collect(outputs, out)
     for i in range(1, 32, 2):
         assert outputs[f"a{i}"] == alone[i]
-    assert core.stats().num_blocks_used == 0
+    assert core.stats().scheduler.num_blocks_used == 0
 
 
 def test_shared_prefix_is_computed_once(default_gguf_path):
@@ -81,9 +82,9 @@ def test_shared_prefix_is_computed_once(default_gguf_path):
         core = EngineCore(EngineConfig(model=default_gguf_path, kv_cache_gib=0.05, max_model_len=512,
                                        enable_prefix_caching=caching))
         first = run_to_completion(core, prompts[:1], GREEDY)["r0"]
-        before = core.stats()
+        before = core.stats().scheduler
         second = run_to_completion(core, prompts[1:], GREEDY)["r0"]
-        after = core.stats()
+        after = core.stats().scheduler
         outputs[caching] = (first, second)
         hits = after.prefix_cache_hits - before.prefix_cache_hits
         if caching:
@@ -110,9 +111,9 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(core):
 
 def test_n_and_best_of(core):
     prompt = make_prompts(1)[0]
-    core.add_request(EngineRequest("n", prompt, SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=8),
+    core.add_request(AddRequest("n", prompt, SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=8),
                                    time.monotonic()))
-    core.add_request(EngineRequest("b", prompt, SamplingParams(n=2, best_of=4, temperature=1.0, seed=6,
+    core.add_request(AddRequest("b", prompt, SamplingParams(n=2, best_of=4, temperature=1.0, seed=6,
                                                                max_tokens=8), time.monotonic()))
     samples: dict[tuple[str, int], list[int]] = {}
     finished = set()
@@ -124,22 +125,26 @@ def test_n_and_best_of(core):
     assert finished == {("n", 0), ("n", 1), ("n", 2), ("b", 0), ("b", 1)}
     assert len({tuple(samples[("n", i)]) for i in range(3)}) > 1, "samples differ"
     assert all(len(samples[("b", i)]) == 8 for i in range(2))
-    assert core.stats().num_blocks_used == 0
+    assert core.stats().scheduler.num_blocks_used == 0
 
 
-def test_requests_that_cannot_fit_are_refused_at_once(core):
+def test_requests_that_cannot_fit_are_refused_before_they_reach_the_engine(core):
     too_long = list(range(100, 100 + 1020))
-    outs = core.add_request(EngineRequest("long", too_long, SamplingParams(max_tokens=10), time.monotonic()))
-    assert outs[0].finish_reason == "error" and "1024" in outs[0].error and "1020" in outs[0].error
-    outs = core.add_request(EngineRequest("bad", [10**7], SamplingParams(max_tokens=1), time.monotonic()))
-    assert outs[0].finish_reason == "error" and "token ids" in outs[0].error
-    assert not core.has_work()
+    with pytest.raises(InvalidRequest) as err:
+        check_request(too_long, 10, core.info)
+    assert err.value.code == "context_length_exceeded" and "1024" in str(err.value) and "1020" in str(err.value)
+    with pytest.raises(InvalidRequest, match="token ids"):
+        check_request([10**7], 1, core.info)
+    # The engine asserts what its clients check: a request that slips through never runs.
+    with pytest.raises(AssertionError):
+        core.add_request(AddRequest("long", too_long, SamplingParams(max_tokens=10), time.monotonic()))
+    assert not core.has_work() and "long" not in core.requests
 
 
 def test_stop_sample_ends_one_sample_and_frees_its_blocks(core):
     """n > 1: the server saw a stop string in sample 1; the engine ends it, the others run to max_tokens."""
     params = SamplingParams(temperature=0.8, seed=7, n=3, max_tokens=40, ignore_eos=True)
-    core.add_request(EngineRequest("s", make_prompts(1, base_len=40)[0], params, time.monotonic()))
+    core.add_request(AddRequest("s", make_prompts(1, base_len=40)[0], params, time.monotonic()))
     counts, finishes = [0, 0, 0], {}
 
     def take(outputs):
@@ -150,12 +155,12 @@ def test_stop_sample_ends_one_sample_and_frees_its_blocks(core):
 
     for _ in range(5):
         take(core.step())
-    used_before = core.stats().num_blocks_used
+    used_before = core.stats().scheduler.num_blocks_used
     take(core.stop_sample("s", 1))
-    assert finishes == {1: "stop"} and core.stats().num_blocks_used < used_before
+    assert finishes == {1: "stop"} and core.stats().scheduler.num_blocks_used < used_before
     assert core.stop_sample("s", 1) == [] and core.stop_sample("unknown", 0) == []
     while core.has_work():
         take(core.step())
     assert finishes == {0: "length", 1: "stop", 2: "length"}
     assert counts[0] == counts[2] == 40 and counts[1] < 10
-    assert core.stats().num_blocks_used == 0 and "s" not in core.requests
+    assert core.stats().scheduler.num_blocks_used == 0 and "s" not in core.requests

@@ -35,7 +35,7 @@ def test_logits_match_transformers(checkpoint):
     # Prefill in two chunks (the second attends to the first through the paged cache).
     for start, n in ((0, 20), (20, 25)):
         batch = Batch([ScheduledSeq(seq, start, n, sample=start + n == len(prompt))], n, 0)
-        logits, _ = runner.forward(runner.prepare(batch))
+        logits = runner.execute(batch).logits
     with torch.no_grad():
         ref = hf(torch.tensor([prompt])).logits[0, -1].float()
     assert config.architecture == hf.config.architectures[0]
@@ -62,18 +62,18 @@ def test_prompt_logprobs_match_transformers(checkpoint):
     prompt = torch.randint(3, 512, (50,), generator=torch.Generator().manual_seed(3)).tolist()
     import time
 
-    from engine.messages import EngineRequest
+    from engine.messages import AddRequest
     # Twice: the second run's prefix would be cached, but prompt logprobs must still cover every position.
     for rid in ("first", "second"):
-        core.add_request(EngineRequest(rid, prompt, SamplingParams(max_tokens=2, prompt_logprobs=3), time.monotonic()))
+        core.add_request(AddRequest(rid, prompt, SamplingParams(max_tokens=2, prompt_logprobs=3), time.monotonic()))
         got = None
         while core.has_work():
             for out in core.step():
                 got = out.prompt_logprobs if out.prompt_logprobs is not None else got
-        assert got is not None and len(got) == len(prompt) and got[0] is None
+        assert got is not None and len(got) == len(prompt) and got[0].logprob is None
+        assert [e.token_id for e in got] == prompt
         with torch.no_grad():
             ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), dim=-1)
         for t in range(1, len(prompt)):
-            logprob, top = got[t]
-            assert abs(logprob - ref[t - 1, prompt[t]].item()) < 1e-4
-            assert [i for i, _ in top] == ref[t - 1].topk(3).indices.tolist()
+            assert abs(got[t].logprob - ref[t - 1, prompt[t]].item()) < 1e-4
+            assert [i for i, _ in got[t].top] == ref[t - 1].topk(3).indices.tolist()

@@ -8,7 +8,7 @@ import pytest
 from engine.config import EngineConfig
 from engine.core import EngineCore
 from engine.loader import ModelFiles, load_tokenizer
-from engine.messages import EngineRequest
+from engine.messages import AddRequest
 from engine.sampling_params import SamplingParams, StructuredOutputs
 from engine.structured import StructuredOutputError, validate
 from tests.engine.helpers import run_to_completion
@@ -48,7 +48,7 @@ def test_outputs_follow_their_constraints(core_and_tokenizer):
     assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", texts[2]), texts
     assert isinstance(json.loads(texts[3]), dict)
     assert all(out[f"r{i}"][-1] in core.eos_token_ids for i in range(4)), "a finished grammar ends with eos"
-    assert core.stats().num_blocks_used == 0
+    assert core.stats().scheduler.num_blocks_used == 0
 
 
 def test_invalid_constraints_are_refused():
@@ -64,6 +64,6 @@ def test_invalid_constraints_are_refused():
 def test_engine_answers_a_bad_grammar_with_an_error_output(core_and_tokenizer):
     core, tok = core_and_tokenizer
     bad = SamplingParams(max_tokens=5, structured_outputs=StructuredOutputs(regex="(unclosed"))
-    outputs = core.add_request(EngineRequest("bad", chat(tok, "hi"), bad, time.monotonic()))
+    outputs = core.add_request(AddRequest("bad", chat(tok, "hi"), bad, time.monotonic()))
     assert outputs and outputs[0].finish_reason == "error" and "structured" in outputs[0].error
     assert not core.has_work()

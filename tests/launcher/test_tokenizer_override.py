@@ -1,7 +1,7 @@
 """model.tokenizer in a profile: the server tokenizes with the override, not the model's own tokenizer."""
 import shutil
 
-from launcher.server.state import load_server_tokenizer
+from launcher.server.served_model import load_server_tokenizer
 
 
 def test_tokenizer_only_directory_and_model_paths(tmp_path, minilm_dir, default_gguf_path):

@@ -35,9 +35,9 @@ def detect_tool_parser(chat_template: str | None, vocab: set[str] | frozenset[st
     return DEFAULT_PARSER
 
 
-def make_output_parser(tokenizer, request: ToolRequest) -> OutputParser:
+def make_output_parser(tokenizer, request: ToolRequest, chat_template: str | None = None) -> OutputParser:
     """A fresh parser for one sample of `request`: a tool-call parser, or plain content without tools."""
-    return make_tool_parser(tokenizer, request) or PlainContent()
+    return make_tool_parser(tokenizer, request, chat_template=chat_template) or PlainContent()
 
 
 def make_tool_parser(tokenizer, request: ToolRequest, tool_parser: str | None = None,
