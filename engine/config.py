@@ -135,6 +135,13 @@ def _rope_scaling(raw: dict[str, Any], source: str) -> RopeScaling | None:
                                                     raw.get("max_position_embeddings", 8192))))
 
 
+# The batching defaults: the one place they are set (EngineConfig, SchedulerConfig and the profile's
+# [engine] keys all read them).
+DEFAULT_MAX_NUM_SEQS = 256             # sequences in one batch
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048  # tokens (prefill chunks + decodes) computed per step
+DEFAULT_BLOCK_SIZE = 16                # tokens per KV block
+
+
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     """What the engine core needs to start; picklable (it crosses into the engine process)."""
@@ -143,11 +150,11 @@ class EngineConfig:
     dtype: str = "auto"                      # auto: float32 on CPU, bfloat16 on CUDA
     device: str = "auto"                     # auto | cuda | cpu
     max_model_len: int | str | None = None   # None: the model's context; 'auto': the most the cache holds
-    block_size: int = 16
+    block_size: int = DEFAULT_BLOCK_SIZE
     kv_cache_gib: float | None = None        # KV budget in GiB (default on CPU: 2)
     kv_cache_memory_fraction: float = 0.90   # on CUDA: fraction of GPU memory for weights + KV
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     seed: int = 0

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.attention import AttentionMetadata
+from engine.config import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS
 from engine.loader import ModelFiles, iter_weights
 from engine.messages import EmbedOutput, EmbedRequest
 from engine.validation import check_inputs
@@ -186,7 +187,7 @@ class EmbeddingModel:
 
 @torch.inference_mode()
 def decoder_embed(core_or_model, token_id_lists: Sequence[Sequence[int]], pooling: str = "last",
-                  normalize: bool = True, *, max_batch_tokens: int = 2048) -> torch.Tensor:
+                  normalize: bool = True, *, max_batch_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS) -> torch.Tensor:
     """Pool a decoder's final hidden states (after the final norm) -> [B, H] float32 on the CPU.
 
     core_or_model: an EngineCore (its model, max_model_len and block size) or a decoder model from
@@ -196,7 +197,7 @@ def decoder_embed(core_or_model, token_id_lists: Sequence[Sequence[int]], poolin
     if pooling not in DECODER_POOLING:
         raise ValueError(f"unknown decoder pooling {pooling!r}; use one of {', '.join(DECODER_POOLING)}")
     if isinstance(core_or_model, torch.nn.Module):
-        model, block_size = core_or_model, 16
+        model, block_size = core_or_model, DEFAULT_BLOCK_SIZE
         max_len = model.cos_sin_cache.shape[0]
     else:
         model, block_size = core_or_model.model, core_or_model.config.block_size
@@ -237,21 +238,7 @@ def _prefill_metadata(seq_lens: list[int], block_size: int, device: torch.device
         tables.append(list(range(next_block, next_block + num)))
         slots.extend(range(next_block * block_size, next_block * block_size + n))
         next_block += num
-    width = max(len(t) for t in tables)
-    cu = [0]
-    for n in seq_lens:
-        cu.append(cu[-1] + n)
-
-    def ints(values) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64, device=device)
-
-    return AttentionMetadata(
-        slot_mapping=ints(slots), num_decode_tokens=0,
-        decode_block_tables=torch.zeros((0, 1), dtype=torch.int64, device=device),
-        decode_context_lens=ints([]), max_decode_context_len=0,
-        prefill_cu_seqlens_q=ints(cu), prefill_context_lens=ints(seq_lens),
-        prefill_block_tables=ints([t + [0] * (width - len(t)) for t in tables]),
-        max_prefill_query_len=max(seq_lens), max_prefill_context_len=max(seq_lens))
+    return AttentionMetadata.for_prefill(device, slots, tables, seq_lens, seq_lens)
 
 
 def embed_request(embed: Callable[[list[list[int]]], torch.Tensor], request: EmbedRequest) -> EmbedOutput:

@@ -6,6 +6,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from engine.block_manager import BlockManager
+from engine.config import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS
 from engine.sequence import Sequence, SequenceStatus
 from engine.stats import SchedulerStats
 
@@ -16,10 +17,10 @@ class PromptTooLongError(ValueError):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SchedulerConfig:
-    max_num_seqs: int = 256             # sequences holding KV blocks at once (running)
-    max_num_batched_tokens: int = 2048  # tokens computed per step, decode and prefill together
-    max_model_len: int                  # prompt + output never exceeds this
-    block_size: int = 16                # tokens per KV block
+    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS                      # sequences holding KV blocks at once
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS  # tokens computed per step, decode + prefill
+    max_model_len: int                                            # prompt + output never exceeds this
+    block_size: int = DEFAULT_BLOCK_SIZE                          # tokens per KV block
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
 

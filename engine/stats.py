@@ -21,7 +21,3 @@ class SchedulerStats:
     def kv_cache_usage(self) -> float:
         """Fraction of KV blocks in use, 0..1."""
         return self.num_blocks_used / self.num_blocks_total if self.num_blocks_total else 0.0
-
-    @property
-    def prefix_cache_hit_rate(self) -> float:
-        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0

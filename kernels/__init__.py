@@ -9,9 +9,9 @@ def get_ops(device_type: str, cpu_kernels: bool = True) -> ModuleType:
     cpu_kernels: on the CPU, the C kernels where they are built (else only the torch twins)."""
     if device_type == "cuda":
         try:
-            from kernels import triton_ops  # noqa: F401  (present once the GPU path lands)
+            from kernels import triton_ops
             return triton_ops
-        except ImportError:
+        except ImportError:   # no triton installed (it ships for Linux only): the torch twins
             pass
     if device_type == "cpu" and cpu_kernels:
         from kernels.cpu_build import load_library

@@ -1,7 +1,6 @@
 """The `llm` command line: serve, list, pull, bench. Imports nothing heavy (no torch) at module level."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from dataclasses import asdict
@@ -81,10 +80,6 @@ def serve(profile: str | None, host, port, api_key, device, model, served_name, 
     if dry_run:
         click.echo(json.dumps(asdict(effective), indent=2))
         return
-    if importlib.util.find_spec("launcher.supervise") is None:
-        click.echo("llm serve: the server supervisor (launcher.supervise) is not part of this build yet; "
-                   "the profile parsed fine (see --dry-run).", err=True)
-        sys.exit(2)
     from launcher.supervise import serve as run_server
     sys.exit(run_server(effective) or 0)
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.config import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS
 from engine.weights import DEFAULT_MODEL
 
 if sys.version_info >= (3, 11):
@@ -65,9 +66,10 @@ class EngineSection:
     """[engine]: device, batching and KV cache."""
     device: str = _key("auto", "auto: cuda when a GPU is present, else cpu", "str",
                        choices=("auto", "cuda", "cpu"))
-    max_num_seqs: int = _key(256, "most sequences in one batch", "int", lo=1)
-    max_num_batched_tokens: int = _key(2048, "most tokens (prefill chunks + decodes) in one step", "int", lo=1)
-    block_size: int = _key(16, "tokens per KV cache block", "int", choices=(8, 16, 32, 64, 128))
+    max_num_seqs: int = _key(DEFAULT_MAX_NUM_SEQS, "most sequences in one batch", "int", lo=1)
+    max_num_batched_tokens: int = _key(DEFAULT_MAX_NUM_BATCHED_TOKENS,
+                                       "most tokens (prefill chunks + decodes) in one step", "int", lo=1)
+    block_size: int = _key(DEFAULT_BLOCK_SIZE, "tokens per KV cache block", "int", choices=(8, 16, 32, 64, 128))
     kv_cache_memory_fraction: float | None = _key(
         None, "on CUDA, the share of GPU memory for weights + KV cache (vLLM's gpu_memory_utilization); "
         "unset: 0.9; exclusive with kv_cache_gib", "float",

@@ -13,10 +13,7 @@ from launcher.profile import Profile, engine_kwargs
 
 def _open_engine(profile: Profile) -> Any:
     """The offline engine for a profile. NOTE: the one place this module touches the engine (and torch)."""
-    try:
-        from engine.llm import LLM
-    except ImportError as exc:
-        raise BenchError(f"the engine is not available: {exc}") from None
+    from engine.llm import LLM
     kwargs = {k: v for k, v in engine_kwargs(profile).items() if k != "served_name"}  # LLM names it itself
     try:
         return LLM(profile.model.source, revision=profile.model.revision, offline=profile.model.offline,
