@@ -143,7 +143,9 @@ def test_smollm2_loads_fast(default_gguf_path: str) -> None:
     num_params = sum(t.numel() for _, t in read_gguf(default_gguf_path).iter_tensors(torch.float32))
     elapsed = time.perf_counter() - start
     assert num_params > 130_000_000
-    assert elapsed < 3.0, f"loading took {elapsed:.2f}s"
+    # ~0.7 s on the dev machine; the bound holds on a machine 5x slower (or that busy) and still catches a
+    # dequantizer gone per-element (minutes)
+    assert elapsed < 15.0, f"loading took {elapsed:.2f}s"
 
 
 def test_smollm2_bf16(smol: GGUFFile, smol_hf: torch.nn.Module) -> None:
