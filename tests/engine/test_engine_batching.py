@@ -164,3 +164,13 @@ def test_stop_sample_ends_one_sample_and_frees_its_blocks(core):
     assert finishes == {0: "length", 1: "stop", 2: "length"}
     assert counts[0] == counts[2] == 40 and counts[1] < 10
     assert core.stats().scheduler.num_blocks_used == 0 and "s" not in core.requests
+
+
+def test_seeded_generators_live_on_the_engine_device(core):
+    """Sampling draws with them into tensors on the engine's device (a CPU generator fails on CUDA)."""
+    core.add_request(AddRequest("g", make_prompts(1)[0], SamplingParams(n=2, seed=3, max_tokens=2), time.monotonic()))
+    generators = [s.generator for s in core.requests["g"].samples]
+    assert all(g is not None and g.device.type == core.device.type for g in generators)
+    assert generators[0].initial_seed() == 3 and generators[1].initial_seed() == 4
+    core.abort(["g"])
+    assert core.stats().scheduler.num_blocks_used == 0
