@@ -84,9 +84,13 @@ class AsyncEngineClient(EngineClient):
                     queue = self._queues.get(out.request_id)
                     if queue is not None:
                         queue.put_nowait(out)
-                self._new_stats(msg.stats)
-            case EngineStats():
-                self._new_stats(msg)
+                self.latest_stats = msg.stats
+            case EngineStats():   # the answer to the oldest StatsRequest (the core answers them in order)
+                self.latest_stats = msg
+                if self._stats_waiters:
+                    future = self._stats_waiters.pop(0)
+                    if not future.done():
+                        future.set_result(msg)
             case EmbedOutput():
                 future = self._embeds.pop(msg.request_id, None)
                 if future is not None and not future.done():
@@ -107,13 +111,6 @@ class AsyncEngineClient(EngineClient):
                     self._ready.set_exception(EngineStartupError(msg.message))
             case _:
                 raise TypeError(f"not a message from the engine core: {type(msg).__name__}")
-
-    def _new_stats(self, stats: EngineStats) -> None:
-        self.latest_stats = stats
-        waiters, self._stats_waiters = self._stats_waiters, []
-        for future in waiters:
-            if not future.done():
-                future.set_result(stats)
 
     def _on_dead(self) -> None:
         if self._error is None:
@@ -183,12 +180,15 @@ class AsyncEngineClient(EngineClient):
         """Fresh figures from the core; before it is ready, or when it is gone, the last ones known."""
         if not self.is_ready:
             return self.latest_stats
-        future = asyncio.get_running_loop().create_future()
-        self._stats_waiters.append(future)
         try:
             self._send(StatsRequest())
+        except (EngineDeadError, BrokenPipeError, OSError):
+            return self.latest_stats
+        future = asyncio.get_running_loop().create_future()
+        self._stats_waiters.append(future)   # one per request sent: replies pair up in order
+        try:
             return await asyncio.wait_for(asyncio.shield(future), STATS_TIMEOUT_S)
-        except (asyncio.TimeoutError, EngineDeadError, BrokenPipeError, OSError):
+        except (asyncio.TimeoutError, EngineDeadError):
             return self.latest_stats
 
     async def shutdown(self) -> None:

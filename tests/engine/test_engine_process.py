@@ -53,7 +53,8 @@ def test_a_dead_engine_fails_waiting_requests_instead_of_hanging(default_gguf_pa
         await client.start()
         try:
             # One request completes normally.
-            outs = [o async for o in client.generate("ok", [504, 3575, 282], SamplingParams(max_tokens=4))]
+            once = SamplingParams(max_tokens=4, ignore_eos=True)   # never ended early by a sampled eos
+            outs = [o async for o in client.generate("ok", [504, 3575, 282], once)]
             assert outs[-1].finish_reason == "length"
             # Then the core dies while requests wait on it.
             params = SamplingParams(max_tokens=400, ignore_eos=True)
