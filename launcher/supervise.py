@@ -14,27 +14,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from engine.config import EngineConfig
-from launcher.profile import Profile, ProfileError, engine_kwargs
-from launcher.server.settings import LaunchSpec, ModelSettings, ServerSettings, write_launch_spec
+from launcher.profile import Profile, ProfileError
+from launcher.server.settings import LaunchSpec, write_launch_spec
 
 _POLL_S = 0.25
 _STOP_GRACE_S = 15.0
 SERVER_FLAG = "--llm-server"   # the packaged executable (launcher/frozen.py) runs the server when given this
-
-
-def build_launch(profile: Profile, model_path: str, tokenizer_path: str | None = None) -> LaunchSpec:
-    """Map a profile (and the resolved model and tokenizer paths) to the server's settings and the model's."""
-    s, m, d = profile.server, profile.model, profile.defaults
-    settings = ServerSettings(
-        host=s.host, port=s.port, api_keys=tuple(s.resolve_api_keys()), cors_origins=tuple(s.cors_origins),
-        max_request_body_bytes=s.max_request_body_bytes, max_queued_requests=s.max_queued_requests,
-        request_timeout_s=s.request_timeout_s, log_requests=s.log_requests)
-    model = ModelSettings(
-        engine=EngineConfig(model=model_path, **engine_kwargs(profile)), served_model_names=tuple(m.names),
-        model_root=m.source, chat_template=m.chat_template, tokenizer=tokenizer_path,
-        default_sampling=d.sampling_overrides(), use_generation_config=d.use_generation_config)
-    return LaunchSpec(settings, (model,))
 
 
 def free_port(host: str) -> int:
@@ -46,14 +31,18 @@ def free_port(host: str) -> int:
 def serve(profile: Profile) -> int:
     """Run the server for `profile` until it stops or we are signalled; returns the exit status."""
     from engine.weights import WeightsError, resolve_model
+    from launcher.launch import build_launch, startup_lines
     try:
-        path = resolve_model(profile.model.source, revision=profile.model.revision, offline=profile.model.offline)
-        tokenizer = resolve_model(profile.model.tokenizer, offline=profile.model.offline) \
-            if profile.model.tokenizer else None
-        spec = build_launch(profile, str(path), str(tokenizer) if tokenizer else None)
+        spec = build_launch(profile, resolve_model)
     except (ProfileError, WeightsError, OSError, ValueError) as e:
         print(f"llm serve: {e}", file=sys.stderr)
         return 1
+    if not spec.models and not spec.upstreams:
+        print("llm serve: nothing to serve: [model] enabled = false, and no [[models]] or [[upstreams]]",
+              file=sys.stderr)
+        return 1
+    for line in startup_lines(spec):
+        print(line, file=sys.stderr, flush=True)
     if spec.settings.port == 0:
         spec = dataclasses.replace(spec, settings=dataclasses.replace(spec.settings,
                                                                       port=free_port(spec.settings.host)))
@@ -90,11 +79,7 @@ def _supervise(spec: LaunchSpec, spec_file: Path, status_file: Path) -> int:
         url = f"http://{'[' + host + ']' if ':' in host else host}:{settings.port}"
         ready = _wait_ready(child, url, stopping)
         if ready is not None:
-            names = [name for model in spec.models for name in model.served_model_names]
-            alias = f" (aliases: {', '.join(names[1:])})" if len(names) > 1 else ""
-            print(f"llm: serving {names[0]}{alias} at {url}/v1 | device {ready.get('device')} | KV cache "
-                  f"{ready.get('kv_capacity_tokens')} tokens | max_model_len {ready.get('max_model_len')} | "
-                  f"ready in {time.monotonic() - started:.1f}s", flush=True)
+            print(ready_line(spec, ready, url, time.monotonic() - started), flush=True)
         code = _wait_exit(child, stopping)
     finally:
         for sig, handler in previous.items():
@@ -109,6 +94,20 @@ def _supervise(spec: LaunchSpec, spec_file: Path, status_file: Path) -> int:
               file=sys.stderr)
         return code if code > 0 else 1
     return 0
+
+
+def ready_line(spec: LaunchSpec, ready: dict, url: str, seconds: float) -> str:
+    """The one line printed once the server is ready: what it serves, where, on what, how fast it started."""
+    if not spec.models:
+        upstreams = ", ".join(u.name for u in spec.upstreams)
+        return f"llm: serving the models of {upstreams} at {url}/v1 | ready in {seconds:.1f}s"
+    names = list(spec.models[0].served_model_names)
+    alias = f" (aliases: {', '.join(names[1:])})" if len(names) > 1 else ""
+    more = [m.primary_name for m in spec.models[1:]] + [f"{u.name} (upstream)" for u in spec.upstreams]
+    also = f" (also: {', '.join(more)})" if more else ""
+    return (f"llm: serving {names[0]}{alias}{also} at {url}/v1 | device {ready.get('device')} | KV cache "
+            f"{ready.get('kv_capacity_tokens')} tokens | max_model_len {ready.get('max_model_len')} | "
+            f"ready in {seconds:.1f}s")
 
 
 def _wait_ready(child: subprocess.Popen, url: str, stopping: dict) -> dict | None:

@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     from launcher.server.app import build_app  # after logging is set up
-    app = build_app(settings, spec.models)
+    app = build_app(settings, spec.models, spec.upstreams)
     app.run(host=settings.host, port=settings.port, single_process=True, access_log=False, motd=False,
             debug=False)
     return app.ctx.state.exit_code

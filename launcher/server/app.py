@@ -16,12 +16,15 @@ from launcher.server.responses import json_response
 from launcher.server.serving_chat import create_chat_completion
 from launcher.server.serving_completions import create_completion
 from launcher.server.serving_embeddings import create_embedding
-from launcher.server.serving_models import detokenize, list_models, retrieve_model, tokenize, version_info
-from launcher.server.settings import ModelSettings, ServerSettings
+from launcher.server.protocol import requested_model
+from launcher.server.serving_models import catalog, detokenize, list_models, retrieve_model, tokenize, version_info
+from launcher.server.settings import ModelSettings, ServerSettings, UpstreamSettings
 from launcher.server.state import ServerState
+from launcher.server.upstream import UpstreamRoute
 
 
-def build_app(settings: ServerSettings, models: tuple[ModelSettings, ...], name: str = "llm") -> Sanic:
+def build_app(settings: ServerSettings, models: tuple[ModelSettings, ...],
+              upstreams: tuple[UpstreamSettings, ...] = (), name: str = "llm") -> Sanic:
     app = Sanic(name, error_handler=OpenAIErrorHandler(), configure_logging=False)
     app.config.REQUEST_MAX_SIZE = settings.max_request_body_bytes
     app.config.RESPONSE_TIMEOUT = settings.request_timeout_s + 30   # our own limits end requests first
@@ -30,7 +33,7 @@ def build_app(settings: ServerSettings, models: tuple[ModelSettings, ...], name:
     app.config.NOISY_EXCEPTIONS = False
     app.config.TOUCHUP = False
     app.config.AUTO_EXTEND = False
-    app.ctx.state = ServerState(settings, models)
+    app.ctx.state = ServerState(settings, models, upstreams)
     middleware.install(app)
     lifecycle.install(app)
     _routes(app)
@@ -47,6 +50,26 @@ def _ready_state(request: Request) -> ServerState:
     return state
 
 
+async def _serve(request: Request, endpoint: str, handler, model_optional: bool = False) -> HTTPResponse | None:
+    """A request for a model: parsed, routed by its `model` through the registry — proxied to an upstream, or
+    handed to `handler(state, model, request, body)` with a local model held (and loaded, if on demand)."""
+    body = parse_json_body(request.body)
+    state = _ready_state(request)
+    registry = state.registry
+    if model_optional and body.get("model") is None:   # vLLM's /tokenize: the (first) local model
+        if registry.primary is None:
+            raise APIError(400, "'model' is required: this server serves no local model", param="model")
+        target = registry.primary
+    else:
+        target = await registry.route(requested_model(body), request.headers.get("authorization"),
+                                      bool(state.settings.api_keys))
+    if isinstance(target, UpstreamRoute):
+        with state.admitted():
+            return await target.proxy(request, endpoint, body, bool(state.settings.api_keys))
+    async with registry.using(target) as model:
+        return await handler(state, model, request, body)
+
+
 def _routes(app: Sanic) -> None:
     @app.get("/health")
     async def health(request: Request) -> HTTPResponse:
@@ -59,44 +82,47 @@ def _routes(app: Sanic) -> None:
             body = APIError(503, f"not ready: {state.phase}", "service_unavailable_error",
                             code="model_not_ready").body()
             return json_response({**body, "status": "starting", "phase": state.phase}, 503, {"Retry-After": "1"})
-        info = state.registry.primary.info   # the ready line shows the first model's figures
-        return json_response({"status": "ready", "phase": "ready", "models": state.registry.names,
-                              "device": info.device, "dtype": info.dtype, "max_model_len": info.max_model_len,
-                              "kv_capacity_tokens": info.kv_capacity_tokens,
-                              "startup_seconds": round(state.ready_seconds or 0.0, 2)})
+        answer = {"status": "ready", "phase": "ready", "models": state.registry.names,
+                  "upstreams": [u.name for u in state.registry.upstreams],
+                  "startup_seconds": round(state.ready_seconds or 0.0, 2)}
+        first = next((m for m in state.registry.models if m.is_ready), None)
+        if first is not None:   # the ready line shows the first loaded model's figures
+            info = first.info
+            answer.update(device=info.device, dtype=info.dtype, max_model_len=info.max_model_len,
+                          kv_capacity_tokens=info.kv_capacity_tokens)
+        return json_response(answer)
 
     @app.get("/v1/models")
     async def models(request: Request) -> HTTPResponse:
-        return json_response(list_models(_state(request)))
+        return json_response(await list_models(_state(request), request))
 
     @app.get("/v1/models/<model_id:path>")
     async def model(request: Request, model_id: str) -> HTTPResponse:
-        return json_response(retrieve_model(_state(request), model_id))
+        return json_response(await retrieve_model(_state(request), request, model_id))
+
+    @app.get("/api/models")
+    async def catalogue(request: Request) -> HTTPResponse:
+        return json_response(await catalog(_state(request), request))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> HTTPResponse | None:
-        body = parse_json_body(request.body)
-        return await create_completion(_ready_state(request), request, body)
+        return await _serve(request, "completions", create_completion)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> HTTPResponse | None:
-        body = parse_json_body(request.body)
-        return await create_chat_completion(_ready_state(request), request, body)
+        return await _serve(request, "chat/completions", create_chat_completion)
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> HTTPResponse:
-        body = parse_json_body(request.body)
-        return json_response(await create_embedding(_ready_state(request), body))
+        return await _serve(request, "embeddings", create_embedding)
 
     @app.post("/tokenize")
     async def tokenize_route(request: Request) -> HTTPResponse:
-        body = parse_json_body(request.body)
-        return json_response(tokenize(_ready_state(request), body))
+        return await _serve(request, "tokenize", tokenize, model_optional=True)
 
     @app.post("/detokenize")
     async def detokenize_route(request: Request) -> HTTPResponse:
-        body = parse_json_body(request.body)
-        return json_response(detokenize(_ready_state(request), body))
+        return await _serve(request, "detokenize", detokenize, model_optional=True)
 
     @app.get("/version")
     async def version(request: Request) -> HTTPResponse:
@@ -120,7 +146,7 @@ def _routes(app: Sanic) -> None:
         return html(DOCS_HTML)
 
     # CORS preflights: the request middleware answers OPTIONS before any handler runs.
-    for uri in ("/v1/models", "/v1/models/<model_id:path>", "/v1/completions", "/v1/chat/completions",
+    for uri in ("/v1/models", "/v1/models/<model_id:path>", "/api/models", "/v1/completions", "/v1/chat/completions",
                 "/v1/embeddings", "/tokenize", "/detokenize"):
         app.add_route(_preflight, uri, methods=["OPTIONS"], name=f"options_{uri.strip('/').replace('/', '_')}")
 

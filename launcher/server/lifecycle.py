@@ -37,10 +37,16 @@ async def _start_engine(app: Sanic) -> None:
         _fail(app, f"startup failed: {type(e).__name__}: {e}")
         return
     for model in state.registry.models:
+        if not model.is_ready:
+            log.info("ready: %s loads on its first request", ", ".join(model.names))
+            continue
         info = model.info
         log.info("ready: serving %s on %s (%s), max_model_len %d, KV cache %d tokens, startup %.1fs",
                  ", ".join(model.names), info.device, info.dtype, info.max_model_len, info.kv_capacity_tokens,
                  state.ready_seconds)
+    for upstream in state.registry.upstreams:
+        log.info("ready: routing to upstream %s (%s) at %s", upstream.name, upstream.provider.engine,
+                 upstream.settings.base_url)
     try:
         while True:  # an engine process dying later is fatal too: exit so a supervisor can restart us
             await asyncio.sleep(0.5)

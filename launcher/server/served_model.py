@@ -1,17 +1,21 @@
 """ServedModel: one local model behind the registry — its EngineClient, and the tokenizer, chat template and
-sampling defaults the server applies around it (the engine sees token ids only)."""
+sampling defaults the server applies around it (the engine sees token ids only); an on_demand one loads and
+unloads its engine process as requests come and go."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from engine.async_client import AsyncEngineClient
-from engine.loader import ModelFiles, load_tokenizer
+from engine.loader import ModelFiles, load_config, load_tokenizer
 from engine.messages import EngineInfo
-from engine.protocol import EngineClient
+from engine.config import EngineConfig
+from engine.protocol import EngineClient, EngineStartupError
 from engine.validation import InvalidRequest, check_context_length
 from launcher.server.errors import APIError, not_ready
 from launcher.server.metrics import ModelMetrics
@@ -26,25 +30,79 @@ _OPENAI_PARTS_LOOP = re.compile(r"for\s+\w+\s+in\s+\w+(\[\s*['\"]content['\"]\s*
 
 
 class ServedModel:
-    def __init__(self, settings: ModelSettings, client: EngineClient | None = None):
+    def __init__(self, settings: ModelSettings,
+                 new_client: Callable[[EngineConfig], EngineClient] = AsyncEngineClient):
         self.settings = settings
-        self.client: EngineClient = client if client is not None else AsyncEngineClient(settings.engine)
+        self._new_client = new_client
+        self.client: EngineClient = new_client(settings.engine)
         self.metrics = ModelMetrics(settings.primary_name)
         self.created = int(time.time())
         self.tokenizer = None
         self.chat_template: str | None = None
         self.content_format = "string"
         self.defaults: dict[str, Any] = dict(_OPENAI_DEFAULTS)
+        self.num_active = 0                      # requests using it now (an on_demand model stays loaded)
+        self.last_used = 0.0                     # time.monotonic() of the last request's start or end
+        self._loading: asyncio.Task | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._config: tuple[int | None, bool] | None = None   # (context window, is an encoder) before loading
 
     @property
     def names(self) -> tuple[str, ...]:
         return self.settings.served_model_names
 
     @property
+    def on_demand(self) -> bool:
+        return self.settings.load == "on_demand"
+
+    @property
     def phase(self) -> str:
         if self.tokenizer is None and self.client.phase == "ready":
             return "loading tokenizer"
         return self.client.phase
+
+    @property
+    def status(self) -> str:
+        """What /v1/models says: loaded, loading, unloaded (on_demand, not started) or failed."""
+        if self.is_ready:
+            return "loaded"
+        if self.client.error is not None and not self.on_demand:
+            return "failed"
+        if self._loading is not None or not self.on_demand:
+            return "loading"
+        return "unloaded"
+
+    @property
+    def is_loaded(self) -> bool:
+        """Holding (or starting) an engine process: what counts against server.max_loaded_models."""
+        return self.is_ready or self._loading is not None
+
+    @property
+    def context_window(self) -> int | None:
+        """max_model_len once loaded; before, what the profile or the model's config says."""
+        if self.client.info is not None:
+            return self.client.info.max_model_len
+        return self._config_facts()[0]
+
+    @property
+    def capabilities(self) -> tuple[str, ...]:
+        """What it serves: embedding (an encoder), or completion and (with a chat template) chat."""
+        is_encoder = self.client.info.is_embedding_model if self.client.info is not None else self._config_facts()[1]
+        if is_encoder:
+            return ("embedding",)
+        return ("chat", "completion") if self.tokenizer is None or self.chat_template else ("completion",)
+
+    def _config_facts(self) -> tuple[int | None, bool]:
+        """An unloaded model's context window and kind, read once from its config (not its weights)."""
+        if self._config is None:
+            configured = self.settings.engine.max_model_len
+            try:
+                config = load_config(ModelFiles.at(self.settings.engine.model))
+            except Exception:   # a model that cannot load says so when it is asked to
+                return (configured if isinstance(configured, int) else None), False
+            window = configured if isinstance(configured, int) else config.max_position_embeddings
+            self._config = (window, config.is_embedding_model)
+        return self._config
 
     @property
     def is_ready(self) -> bool:
@@ -56,8 +114,38 @@ class ServedModel:
         return self.client.info
 
     async def start(self) -> None:
-        """Start the engine, then load the tokenizer and chat template (the engine owns the weights)."""
-        await self.client.start(on_phase=lambda phase: log.info("startup: %s", phase))
+        """At server start: load an at_start model (an on_demand one waits for its first request)."""
+        if not self.on_demand:
+            await self.load()
+
+    async def load(self) -> None:
+        """Start the engine process (once, however many requests wait for it), then the tokenizer."""
+        if self.is_ready:
+            return
+        if self._loading is None:
+            self._loading = asyncio.ensure_future(self._load())
+        # NOTE: shielded: a waiting client that leaves does not cancel the load others may be waiting for
+        await asyncio.shield(self._loading)
+
+    async def _load(self) -> None:
+        started = time.monotonic()
+        try:
+            await self.client.start(on_phase=lambda phase: log.info("%s: %s", self.names[0], phase))
+            if self.tokenizer is None:
+                self._load_text_side()
+        except EngineStartupError as e:
+            if not self.on_demand:
+                raise
+            failed, self.client = self.client, self._new_client(self.settings.engine)   # the next request retries
+            await failed.shutdown()
+            raise APIError(503, f"the model `{self.names[0]}` could not be loaded: {e}", "service_unavailable_error",
+                           code="model_load_failed") from None
+        finally:
+            self._loading = None
+        if self.on_demand:
+            log.info("loaded %s in %.1fs", self.names[0], time.monotonic() - started)
+
+    def _load_text_side(self) -> None:
         tokenizer = load_server_tokenizer(self.settings.tokenizer or self.settings.engine.model)
         template = tokenizer.chat_template
         if self.settings.chat_template:
@@ -69,6 +157,32 @@ class ServedModel:
         self.content_format = fmt
         self.defaults = self._sampling_defaults(self.info.default_sampling)
         self.tokenizer = tokenizer
+
+    async def unload(self) -> None:
+        """End the engine process (its memory goes back to the system); the next request loads it again."""
+        self.cancel_idle_unload()
+        if self._loading is not None:
+            return   # a request is waiting for it
+        client, self.client = self.client, self._new_client(self.settings.engine)
+        await client.shutdown()
+        log.info("unloaded %s", self.names[0])
+
+    def schedule_idle_unload(self) -> None:
+        """An on_demand model with no request left: unload it after keep_alive_s unless one comes."""
+        self.cancel_idle_unload()
+        loop = asyncio.get_running_loop()
+        self._idle_timer = loop.call_later(self.settings.keep_alive_s,
+                                           lambda: loop.create_task(self._unload_if_idle()))
+
+    def cancel_idle_unload(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    async def _unload_if_idle(self) -> None:
+        self._idle_timer = None
+        if self.num_active == 0 and self.is_ready:
+            await self.unload()
 
     def _sampling_defaults(self, model_defaults: dict[str, Any]) -> dict[str, Any]:
         """Request > profile [defaults] > the model's generation_config.json > OpenAI's defaults."""

@@ -10,7 +10,6 @@ from engine.messages import TokenLogprob
 from engine.output_processor import SampleState
 from launcher.server.chat_prompt import render_chat_prompt
 from launcher.server.generation import EnginePrompt, Generation
-from launcher.server.protocol import requested_model
 from launcher.server.protocol_chat import ChatRequest, parse_chat_request
 from launcher.server.responses import json_response
 from launcher.server.served_model import ServedModel
@@ -19,8 +18,8 @@ from launcher.server.state import ServerState
 from launcher.server.tool_parsers import OutputParser, make_output_parser
 
 
-async def create_chat_completion(state: ServerState, request: Request, body: dict) -> HTTPResponse | None:
-    model = state.registry.ready(requested_model(body))
+async def create_chat_completion(state: ServerState, model: ServedModel, request: Request,
+                                 body: dict) -> HTTPResponse | None:
     model.check_generates()
     req = parse_chat_request(body, model.info.vocab_size)
     prompt_ids = render_chat_prompt(model, req)

@@ -9,7 +9,7 @@ from sanic.request import Request
 from engine.messages import TokenLogprob
 from launcher.server.errors import bad_request
 from launcher.server.generation import EnginePrompt, Generation
-from launcher.server.protocol import CompletionRequest, parse_completion_request, requested_model
+from launcher.server.protocol import CompletionRequest, parse_completion_request
 from launcher.server.responses import json_response
 from launcher.server.served_model import ServedModel
 from launcher.server.sse import stream_events
@@ -18,8 +18,8 @@ from launcher.server.state import ServerState
 OPENAI_DEFAULT_MAX_TOKENS = 16   # the completions API's default (chat's is the rest of the context)
 
 
-async def create_completion(state: ServerState, request: Request, body: dict) -> HTTPResponse | None:
-    model = state.registry.ready(requested_model(body))
+async def create_completion(state: ServerState, model: ServedModel, request: Request,
+                            body: dict) -> HTTPResponse | None:
     model.check_generates()
     req = parse_completion_request(body, model.info.vocab_size)
     prompt_ids, prompt_texts = _encode(model, req)

@@ -4,23 +4,24 @@ from __future__ import annotations
 import base64
 
 import numpy as np
+from sanic import HTTPResponse
+from sanic.request import Request
 
 from engine.protocol import EngineDeadError
 from engine.validation import InvalidRequest, check_inputs
 from launcher.server.errors import APIError, bad_request
 from launcher.server.fields import Fields
 from launcher.server.protocol import read_prompts
+from launcher.server.responses import json_response
+from launcher.server.served_model import ServedModel
 from launcher.server.state import ServerState
 
 DECODER_POOLING = ("last", "mean")
 
 
-async def create_embedding(state: ServerState, body: dict) -> dict:
+async def create_embedding(state: ServerState, model: ServedModel, request: Request, body: dict) -> HTTPResponse:
     f = Fields(body)
     name = f.raw("model")
-    if not isinstance(name, str):
-        raise bad_request("'model' (a string) is required", "model")
-    model = state.registry.ready(name)
     info = model.info
     inputs = read_prompts(f.raw("input"), info.vocab_size, param="input")
     encoding = f.str("encoding_format", "float", choices=("float", "base64"))
@@ -49,5 +50,5 @@ async def create_embedding(state: ServerState, body: dict) -> dict:
     data = [{"object": "embedding", "index": i,
              "embedding": base64.b64encode(row.tobytes()).decode() if encoding == "base64" else row.tolist()}
             for i, row in enumerate(vectors)]
-    return {"object": "list", "data": data, "model": name,
-            "usage": {"prompt_tokens": out.num_tokens, "total_tokens": out.num_tokens}}
+    return json_response({"object": "list", "data": data, "model": name,
+                          "usage": {"prompt_tokens": out.num_tokens, "total_tokens": out.num_tokens}})

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import EngineConfig
+from launcher.profile_keys import Pricing
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +23,7 @@ class ServerSettings:
     log_level: str = "info"
     log_requests: bool = False
     status_file: str | None = None              # where a fatal error is written for the supervisor
+    max_loaded_models: int | None = None        # on_demand models: at most this many loaded at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +37,9 @@ class ModelSettings:
     chat_template_content_format: str = "auto"  # auto | string | openai
     default_sampling: dict[str, Any] = field(default_factory=dict)   # profile [defaults] overrides
     use_generation_config: bool = True          # take the model's generation_config.json defaults
+    load: str = "at_start"                      # at_start | on_demand
+    keep_alive_s: float = 300.0                 # on_demand: unloaded after this long idle
+    pricing: Pricing = field(default_factory=Pricing)   # per 1M tokens, shown by /api/models
 
     @property
     def primary_name(self) -> str:
@@ -42,10 +47,26 @@ class ModelSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    """A server (or provider API) whose models are served through this one; see launcher/providers.py."""
+    name: str                                   # shown as owned_by / provider
+    engine: str                                 # a launcher.providers engine name
+    base_url: str | None                        # None: nothing to reach (an unknown engine with no URL)
+    api_key_env: str | None = None              # env var holding the key sent upstream (read by the server)
+    models: tuple[str, ...] = ("*",)            # upstream ids, or ("*",): whatever it lists
+    prefix: str = ""                            # prepended to upstream ids
+    timeout_s: float = 60.0
+    refresh_s: float = 300.0                    # how long a "*" listing is cached
+    forward_authorization: bool = True
+    api_version: str | None = None              # azure's api-version
+
+
+@dataclass(frozen=True, slots=True)
 class LaunchSpec:
     """Everything the server process needs: handed over as a pickle file by the supervisor."""
     settings: ServerSettings
     models: tuple[ModelSettings, ...]
+    upstreams: tuple[UpstreamSettings, ...] = ()
 
 
 def write_launch_spec(spec: LaunchSpec, path: str | Path) -> None:

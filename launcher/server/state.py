@@ -10,13 +10,16 @@ from collections.abc import Iterator
 from launcher.server.errors import APIError, not_ready
 from launcher.server.registry import ModelRegistry
 from launcher.server.served_model import ServedModel
-from launcher.server.settings import ModelSettings, ServerSettings
+from launcher.server.settings import ModelSettings, ServerSettings, UpstreamSettings
+from launcher.server.upstream import Upstream
 
 
 class ServerState:
-    def __init__(self, settings: ServerSettings, models: tuple[ModelSettings, ...]):
+    def __init__(self, settings: ServerSettings, models: tuple[ModelSettings, ...],
+                 upstreams: tuple[UpstreamSettings, ...] = ()):
         self.settings = settings
-        self.registry = ModelRegistry([ServedModel(m) for m in models])
+        self.registry = ModelRegistry([ServedModel(m) for m in models], [Upstream(u) for u in upstreams],
+                                      settings.max_loaded_models)
         self.http_requests: Counter[tuple[str, int]] = Counter()   # (route, status) -> count
         self.started_at = time.monotonic()
         self.ready_seconds: float | None = None

@@ -42,7 +42,7 @@ class Server:
 
     @property
     def auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"}
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def descendants(self) -> list[int]:
         """pids of every process under the supervisor (server, engine), read from /proc."""
@@ -83,26 +83,40 @@ def _read_lines(stream, sink: list[str]) -> None:
         sink.append(line.rstrip("\n"))
 
 
-def start_server(profile_body: str, tmp: Path, api_key: str = API_KEY, model_path: str = "",
-                 server_extra: str = "") -> Server:
-    """Start `llm serve` (the supervisor) on a free port with a profile; wait until it is ready."""
-    port = _free_port()
+def start_server(profile_body: str, tmp: Path, api_key: str | None = API_KEY, model_path: str = "",
+                 server_extra: str = "", port: int | None = None, env: dict[str, str] | None = None) -> Server:
+    """Start `llm serve` (the supervisor) on a free port (or `port`) with a profile; wait until it is ready.
+    api_key None: the server checks no keys."""
+    port = port or _free_port()
     profile = tmp / "test.toml"
+    keys = f'api_keys = ["{api_key}"]' if api_key is not None else ""
     profile.write_text(profile_body + f"""
 [server]
 host = "127.0.0.1"
 port = {port}
-api_keys = ["{api_key}"]
+{keys}
 cors_origins = ["{ALLOWED_ORIGIN}"]
 max_request_body_bytes = {MAX_BODY}
 {server_extra}
 """)
-    log_path = tmp / "server.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return launch([sys.executable, "-m", "launcher.supervise", str(profile)], tmp, port, api_key, model_path, env)
+
+
+def start_cli_server(args: list[str], tmp: Path, api_key: str | None = None, model_path: str = "",
+                     port: int | None = None, env: dict[str, str] | None = None) -> Server:
+    """`llm serve ARGS --port P` as a user types it (flags, no profile file); wait until it is ready."""
+    port = port or _free_port()
+    return launch([sys.executable, "-m", "launcher.cli", "serve", *args, "--port", str(port)], tmp, port, api_key,
+                  model_path, env)
+
+
+def launch(cmd: list[str], tmp: Path, port: int, api_key: str | None, model_path: str,
+           env: dict[str, str] | None) -> Server:
+    log_path = tmp / f"server-{port}.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "launcher.supervise", str(profile)], cwd=REPO, env=env,
-                                stdout=subprocess.PIPE, stderr=log, text=True)
-    srv = Server(f"http://127.0.0.1:{port}", api_key, proc, model_path, log_path=log_path)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+    srv = Server(f"http://127.0.0.1:{port}", api_key or "", proc, model_path, log_path=log_path)
     threading.Thread(target=_read_lines, args=(proc.stdout, srv.stdout_lines), daemon=True).start()
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     try:

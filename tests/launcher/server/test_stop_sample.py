@@ -62,7 +62,7 @@ def tokenizer(default_gguf_path):
 def run(tokenizer, script, params):
     """(delta, the engine's stop_sample calls so far) for every delta the generation yields."""
     engine = ScriptedEngine(tokenizer, script)
-    model = ServedModel(ModelSettings(EngineConfig(model="unused"), ("m",)), client=engine)
+    model = ServedModel(ModelSettings(EngineConfig(model="unused"), ("m",)), new_client=lambda config: engine)
     model.tokenizer = tokenizer
     gen = Generation(model, "r", [EnginePrompt([1, 2, 3], params)], timeout_s=None)
 
