@@ -96,6 +96,20 @@ def facts(model_id: str, engine: str, entries: list[CatalogEntry] | None = None)
     return next((e for e in matches if e.provider in same), matches[0] if matches else None)
 
 
+def upstream_entry(served_id: str, upstream_id: str, provider: str, engine: str,
+                   reported_capabilities: tuple[str, ...] = (), reported_context: int | None = None,
+                   entries: list[CatalogEntry] | None = None) -> CatalogEntry:
+    """An upstream model's row: what the upstream reports over what the catalogue knows of the model (prices,
+    features); a model the catalogue does not know is free on self-hosted engines, of unknown price elsewhere."""
+    reported = CatalogEntry(served_id, provider, reported_capabilities, reported_context, status="available")
+    known = facts(upstream_id, engine, entries)
+    if known is not None:
+        return merge(known, reported)
+    free = 0.0 if engine in SELF_HOSTED else None
+    caps = reported.capabilities or (("embedding",) if "embed" in upstream_id else ("chat", "completion"))
+    return CatalogEntry(served_id, provider, caps, reported_context, (free, free), (), "available")
+
+
 def select(entries: list[CatalogEntry], provider: str | None = None,
            capability: str | None = None) -> list[CatalogEntry]:
     return [e for e in entries if provider in (None, e.provider) and capability in (None, *e.capabilities)]

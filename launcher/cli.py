@@ -9,9 +9,11 @@ from typing import Any
 import click
 
 from launcher.bench.commands import bench
+from launcher.catalog_cli import print_catalog, server_catalog, sync
+from launcher.tables import text_table
 
-CAPABILITIES = ("chat", "completion", "embedding")
-PROVIDERS = ("profile", "llm", "hf", "server")
+CAPABILITIES = ("chat", "completion", "embedding", "rerank", "classify")
+PROVIDERS = ("profile", "llm", "hf", "server")   # and any catalogue provider (openai, anthropic, cohere, ...)
 
 
 @click.group("llm", context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,7 +24,8 @@ def main() -> None:
     \b
       llm serve                     the default profile (SmolLM2-135M-Instruct)
       llm serve profiles/x.toml --port 9000
-      llm list                      profiles, local models, and with --url a server's models
+      llm list                      profiles, local models, the catalogue; with --url a server's models
+      llm sync --models             refresh the catalogue from the configured upstreams
       llm pull MODEL                fetch weights ahead of time (for air-gapped hosts)
       llm bench serve --url URL     load-test any OpenAI-compatible server
     """
@@ -92,42 +95,40 @@ def _size(num_bytes: int) -> str:
     return ""
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [headers, *rows]]
-    return "\n".join(lines)
-
-
 @main.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @click.option("--url", default=None, help="Also list the models a running server serves (GET /v1/models).")
 @click.option("--api-key", default=None, help="Bearer key for --url.")
 @click.option("--capability", type=click.Choice(CAPABILITIES), default=None, help="Only models that can do this.")
-@click.option("--provider", type=click.Choice(PROVIDERS), default=None,
-              help="Only one source: profile files, our model cache (llm), the HF cache (hf), or the server.")
+@click.option("--provider", default=None, metavar="NAME",
+              help="Only one source: profile files, our model cache (llm), the HF cache (hf), the server (with "
+                   "--url), or a catalogue provider (openai, anthropic, cohere, ...).")
 def list_cmd(as_json: bool, url: str | None, api_key: str | None, capability: str | None,
              provider: str | None) -> None:
-    """List profiles, models in the local caches, and (with --url) a server's models."""
-    from launcher import model_catalog as catalog
+    """List profiles, models in the local caches, the model catalogue, and (with --url) a server's models."""
+    from launcher import catalog, model_catalog
     wanted = (lambda p: provider in (None, p))
-    profiles = catalog.list_profiles() if wanted("profile") and capability is None else []
-    models = (catalog.list_llm_models() if wanted("llm") else []) + (catalog.list_hf_models() if wanted("hf") else [])
+    profiles = model_catalog.list_profiles() if wanted("profile") and capability is None else []
+    models = (model_catalog.list_llm_models() if wanted("llm") else []) + \
+        (model_catalog.list_hf_models() if wanted("hf") else [])
     models = [m for m in models if capability in (None, m.capability)]
+    rows = [] if provider in PROVIDERS else catalog.select(catalog.known_entries(), provider, capability)
     server: dict[str, Any] | None = None
-    if url and wanted("server"):
+    if url and provider in (None, "server"):
         try:
-            served = catalog.list_server_models(url, api_key)
-            served = [m for m in served if capability is None or m.get("capability", capability) == capability]
-            server = {"url": url, "models": served}
+            server = {"url": url, "models": server_catalog(url, api_key, capability)}
         except (OSError, ValueError) as exc:
             server = {"url": url, "error": f"{type(exc).__name__}: {exc}"}
     if as_json:
-        out: dict[str, Any] = {"profiles": [p.to_json() for p in profiles], "models": [m.to_json() for m in models]}
+        out: dict[str, Any] = {"profiles": [p.to_json() for p in profiles], "models": [m.to_json() for m in models],
+                               "catalog": [e.to_json() for e in rows]}
         if server is not None:
             out["server"] = server
         click.echo(json.dumps(out, indent=2))
     else:
         _print_tables(profiles, models, server, provider, capability)
+        if rows:
+            print_catalog(rows, f"Catalogue (prices per 1M tokens, USD, as of {catalog.shipped_taken()})")
     if server is not None and "error" in server:
         click.echo(f"llm list: cannot reach {url}: {server['error']}", err=True)
         sys.exit(1)
@@ -138,18 +139,18 @@ def _print_tables(profiles: list, models: list, server: dict | None, provider: s
     if provider in (None, "profile") and capability is None:
         click.echo("Profiles")
         rows = [[p.name, p.source or "(invalid)", p.device, p.error or p.description] for p in profiles]
-        click.echo(_table(["NAME", "MODEL", "DEVICE", "DESCRIPTION"], rows) if rows else "  (none)")
+        click.echo(text_table(["NAME", "MODEL", "DEVICE", "DESCRIPTION"], rows) if rows else "  (none)")
         click.echo()
     if provider in (None, "llm", "hf"):
         click.echo("Local models")
         rows = [[m.name, m.format, _size(m.size_bytes), m.quantization or "-", m.capability, m.provider, m.path]
                 for m in models]
-        click.echo(_table(["NAME", "FORMAT", "SIZE", "QUANT", "CAPABILITY", "CACHE", "PATH"], rows)
+        click.echo(text_table(["NAME", "FORMAT", "SIZE", "QUANT", "CAPABILITY", "CACHE", "PATH"], rows)
                    if rows else "  (none)")
     if server is not None and "models" in server:
-        click.echo(f"\nServed by {server['url']}")
-        rows = [[m.get("id", ""), str(m.get("max_model_len", "-")), m.get("root") or "-"] for m in server["models"]]
-        click.echo(_table(["ID", "MAX_MODEL_LEN", "ROOT"], rows) if rows else "  (none)")
+        from launcher.catalog import CatalogEntry
+        print_catalog([CatalogEntry.from_json(m) for m in server["models"]], f"Served by {server['url']}",
+                      status=True)
 
 
 @main.command()
@@ -197,6 +198,7 @@ def _pull_hub(repo_id: str, revision: str | None, gguf_file: str | None, pattern
 
 
 main.add_command(bench)
+main.add_command(sync)
 
 if __name__ == "__main__":
     main()

@@ -9,7 +9,8 @@ from urllib.parse import unquote
 from sanic import HTTPResponse
 from sanic.request import Request
 
-from launcher.catalog import SELF_HOSTED, CatalogEntry, facts, merge, select
+from launcher.catalog import CatalogEntry, select
+from launcher.catalog import upstream_entry as catalog_entry
 from launcher.server.chat_prompt import render_chat_prompt
 from launcher.server.errors import APIError, bad_request
 from launcher.server.fields import Fields
@@ -48,16 +49,9 @@ def local_entry(model: ServedModel, name: str) -> CatalogEntry:
 
 
 def upstream_entry(upstream: Upstream, model: UpstreamModel) -> CatalogEntry:
-    """What the upstream reports over what the catalogue knows of the model (prices, features)."""
-    listed, engine = model.listed, upstream.provider.engine
-    reported = CatalogEntry(model.id, upstream.name, listed.capabilities if listed else (),
-                            listed.context_window if listed else None, status="available")
-    known = facts(model.upstream_id, engine)
-    if known is not None:
-        return merge(known, reported)
-    free = 0.0 if engine in SELF_HOSTED else None
-    caps = reported.capabilities or (("embedding",) if "embed" in model.upstream_id else ("chat", "completion"))
-    return CatalogEntry(model.id, upstream.name, caps, reported.context_window, (free, free), (), "available")
+    listed = model.listed
+    return catalog_entry(model.id, model.upstream_id, upstream.name, upstream.provider.engine,
+                         listed.capabilities if listed else (), listed.context_window if listed else None)
 
 
 async def _upstream_models(state: ServerState, request: Request,

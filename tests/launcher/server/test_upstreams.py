@@ -186,3 +186,15 @@ models = ["m"]
         assert [m["id"] for m in httpx.get(srv.url + "/v1/models", timeout=30).json()["data"]] == ["m"]
     finally:
         srv.stop()
+
+
+def test_llm_list_shows_a_servers_catalogue(gateway):
+    from click.testing import CliRunner
+
+    from launcher.cli import main
+    result = CliRunner().invoke(main, ["list", "--json", "--provider", "server", "--url", gateway.url])
+    assert result.exit_code == 0, result.output
+    rows = {r["id"]: r for r in json.loads(result.output)["server"]["models"]}
+    assert rows["gpt-4o"]["provider"] == "az" and rows["gpt-4o"]["pricing"]["input"] == 2.5
+    table = CliRunner().invoke(main, ["list", "--provider", "server", "--url", gateway.url]).output
+    assert f"Served by {gateway.url}" in table and "STATUS" in table and "available" in table
