@@ -281,8 +281,12 @@ class Upstream:
         tail = b""
         try:
             async for chunk in upstream.content.iter_any():   # whatever has arrived, at once
-                await response.send(chunk)
                 tail = (tail + chunk)[-len(DONE) - 8:]
+                if DONE.strip() in tail:
+                    # NOTE: the upstream's end of body follows [DONE] at once: read it before the client gets
+                    # [DONE] (and may hang up), so the connection to the upstream goes back to the pool
+                    chunk += await upstream.content.read()
+                await response.send(chunk)
             ended = DONE.strip() in tail
             problem = None if ended else "the upstream's stream ended without [DONE]"
         except asyncio.TimeoutError:
