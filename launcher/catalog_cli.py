@@ -27,24 +27,32 @@ def print_catalog(entries: list[CatalogEntry], title: str, status: bool = False)
     click.echo(text_table(headers, rows) if rows else "  (none)")
 
 
+def _get_json(url: str, headers: dict[str, str], timeout: float) -> dict:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as response:
+        return json.loads(response.read())
+
+
 def server_catalog(url: str, api_key: str | None, capability: str | None, timeout: float = 10.0) -> list[dict]:
-    """A running server's catalogue (GET /api/models); for a server without one, its /v1/models cards."""
+    """A running server's models: each GET /v1/models card (id, root, max_model_len, ...) with the catalogue's
+    fields (provider, capabilities, context_window, pricing, features, status) from GET /api/models merged in;
+    a server without /api/models (vLLM, llama.cpp) gives its cards with what they say."""
     base = url.rstrip("/").removesuffix("/v1")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    query = f"?capability={capability}" if capability else ""
+    cards = _get_json(f"{base}/v1/models", headers, timeout).get("data", [])
     try:
-        with urllib.request.urlopen(urllib.request.Request(f"{base}/api/models{query}", headers=headers),
-                                    timeout=timeout) as response:
-            return json.loads(response.read())["models"]
+        catalogued = {m["id"]: m for m in _get_json(f"{base}/api/models", headers, timeout)["models"]}
     except urllib.error.HTTPError as e:
         if e.code != 404:
             raise OSError(f"GET {base}/api/models answered {e.code}") from None
-    with urllib.request.urlopen(urllib.request.Request(f"{base}/v1/models", headers=headers),
-                                timeout=timeout) as response:
-        cards = json.loads(response.read()).get("data", [])
-    return [CatalogEntry(c["id"], c.get("owned_by") or "-", tuple(c.get("capabilities") or ()),
-                         c.get("context_window") or c.get("max_model_len"), status=c.get("status", "-")).to_json()
-            for c in cards if capability is None or capability in (c.get("capabilities") or [capability])]
+        catalogued = {}
+    rows = []
+    for card in cards:
+        entry = catalogued.get(card["id"]) or CatalogEntry(
+            card["id"], card.get("owned_by") or "-", tuple(card.get("capabilities") or ()),
+            card.get("context_window") or card.get("max_model_len"), status=card.get("status", "-")).to_json()
+        if capability is None or capability in (entry["capabilities"] or [capability]):
+            rows.append({**card, **entry})
+    return rows
 
 
 @click.command()

@@ -97,7 +97,8 @@ def _size(num_bytes: int) -> str:
 
 @main.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
-@click.option("--url", default=None, help="Also list the models a running server serves (GET /v1/models).")
+@click.option("--url", default=None,
+              help="Also list the models a running server serves (GET /v1/models, and /api/models where it has one).")
 @click.option("--api-key", default=None, help="Bearer key for --url.")
 @click.option("--capability", type=click.Choice(CAPABILITIES), default=None, help="Only models that can do this.")
 @click.option("--provider", default=None, metavar="NAME",

@@ -136,6 +136,12 @@ def test_requests_are_proxied_with_only_the_model_rewritten(gateway, fake):
         events = [line for line in s.iter_lines() if line.startswith("data: ")]
     assert [json.loads(e[6:])["choices"][0]["delta"]["content"] for e in events[:-1]] == ["hel", "lo"]
     assert events[-1] == "data: [DONE]"
+    # embeddings and completions go to the same paths under the base URL; /tokenize beside it (vLLM's place)
+    for path, body in (("/v1/embeddings", {"model": "ok", "input": "x"}), ("/v1/completions", {"model": "ok",
+                       "prompt": "x"}), ("/tokenize", {"model": "ok", "prompt": "x"})):
+        assert httpx.post(gateway.url + path, json=body, timeout=60).status_code == 200
+        assert fake.requests[-1]["path"] == {"/tokenize": "/openai/tokenize"}.get(path, "/openai" + path)
+        assert fake.requests[-1]["body"] == body
 
 
 def test_anthropic_and_cohere_models_are_listed_not_proxied(gateway):
