@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -24,16 +25,20 @@ class AttentionMetadata:
     max_prefill_context_len: int
 
     @classmethod
-    def for_batch(cls, device: torch.device, slot_mapping: list[int], decode_block_tables: list[list[int]],
+    def for_batch(cls, device: torch.device, slot_mapping: list[int] | np.ndarray,
+                  decode_block_tables: list[list[int]] | torch.Tensor,
                   decode_context_lens: list[int], prefill_block_tables: list[list[int]],
                   prefill_query_lens: list[int], prefill_context_lens: list[int]) -> "AttentionMetadata":
-        """From plain lists, one entry per row: decode rows (one token each), then prefill rows."""
+        """From plain lists, one entry per row: decode rows (one token each), then prefill rows.
+        decode_block_tables may be a ready [Bd, M] int64 tensor on `device` (the runner's fixed-width rows)."""
         cu = [0]
         for n in prefill_query_lens:
             cu.append(cu[-1] + n)
+        if not isinstance(decode_block_tables, torch.Tensor):
+            decode_block_tables = _table(decode_block_tables, device)
         return cls(
             slot_mapping=_ints(slot_mapping, device), num_decode_tokens=len(decode_context_lens),
-            decode_block_tables=_table(decode_block_tables, device),
+            decode_block_tables=decode_block_tables,
             decode_context_lens=_ints(decode_context_lens, device),
             max_decode_context_len=max(decode_context_lens, default=0),
             prefill_cu_seqlens_q=_ints(cu, device), prefill_context_lens=_ints(prefill_context_lens, device),
@@ -61,7 +66,9 @@ class AttentionMetadata:
             prefill_block_tables=block_tables[:0], max_prefill_query_len=0, max_prefill_context_len=0)
 
 
-def _ints(values: list[int], device: torch.device) -> torch.Tensor:
+def _ints(values: list[int] | np.ndarray, device: torch.device) -> torch.Tensor:
+    if isinstance(values, np.ndarray):
+        return torch.from_numpy(values.astype(np.int64, copy=False)).to(device)
     return torch.tensor(values, dtype=torch.int64, device=device)
 
 
@@ -70,6 +77,36 @@ def _table(tables: list[list[int]], device: torch.device) -> torch.Tensor:
     width = max((len(t) for t in tables), default=1)
     return torch.tensor([t + [0] * (width - len(t)) for t in tables] or [[0]],
                         dtype=torch.int64, device=device)[: len(tables)]
+
+
+class BlockTableRows:
+    """Block tables staged row by row in a [rows, width] int64 host array, rewritten incrementally: a row
+    that holds the same table as at its last write gets only the blocks appended since.
+
+    NOTE: a sequence's table list only ever grows (append/extend); the block manager gives a freed sequence
+    a new list rather than clearing it in place, so `is` on the list object tells a grown table from a new
+    one. Columns past a row's table keep stale ids: attention reads no position past a context length.
+    """
+
+    def __init__(self, array: np.ndarray):
+        assert array.ndim == 2 and array.dtype == np.int64, (array.shape, array.dtype)
+        self.array = array
+        self._tables: list[list[int] | None] = [None] * array.shape[0]   # the list each row last copied
+        self._lens = [0] * array.shape[0]                                # how much of it
+
+    @property
+    def width(self) -> int:
+        return self.array.shape[1]
+
+    def write(self, row: int, table: list[int]) -> None:
+        n = len(table)
+        assert n <= self.array.shape[1], "a block table is wider than max_model_len allows"
+        start = self._lens[row] if self._tables[row] is table else 0
+        assert n >= start, "block tables only grow (a freed sequence gets a new list)"
+        if n > start:
+            self.array[row, start:n] = table[start:] if start else table
+        self._tables[row] = table
+        self._lens[row] = n
 
 
 class PagedAttention:

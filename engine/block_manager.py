@@ -179,5 +179,7 @@ class BlockManager:
                     self._cached_free[block_id] = None
                 else:
                     self._free.append(block_id)
-        seq.block_table.clear()
+        # NOTE: a new list, not clear(): the runner's staged rows (engine.attention.BlockTableRows) know a
+        # table by its list object and copy only what was appended since
+        seq.block_table = []
         self._num_registered.pop(seq.seq_id, None)

@@ -76,7 +76,8 @@ class EngineCore:
                 f"less than one sequence of max_model_len={max_model_len}: set max_model_len <= "
                 f"{capacity} (or 'auto'), or give the cache more memory")
         self.max_model_len = max_model_len
-        self.runner = ModelRunner(self.model, model_config, num_blocks, config.block_size, self.dtype, self.device)
+        self.runner = ModelRunner(self.model, model_config, num_blocks, config.block_size, self.dtype, self.device,
+                                  max_model_len)
         self.gpu_startup = None  # engine.model_runner.GpuStartup: autotune and graph capture figures
         if self.device.type == "cuda":
             self.gpu_startup = self.runner.warm_up(config, max_model_len, on_phase)

@@ -6,9 +6,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from engine.attention import AttentionMetadata
+from engine.attention import AttentionMetadata, BlockTableRows
 
 SMALL_SIZES = (1, 2, 4, 8)   # below the step every size is worth a graph: padding 1 -> 8 would triple the work
 SIZE_STEP = 8                # then 16, 24, 32, ...: at most 7 padded rows per decode step
@@ -60,6 +61,7 @@ class DecodeBuffers:
         pin = device.type == "cuda"
         self._host_header = torch.zeros((4, max_batch), dtype=torch.int64, pin_memory=pin)
         self._host_tables = torch.zeros((max_batch, width), dtype=torch.int64, pin_memory=pin)
+        self._rows = BlockTableRows(self._host_tables.numpy())
         # NOTE: the staging buffers are rewritten only after the previous step's copies have finished
         self._copied = torch.cuda.Event() if pin else None
 
@@ -82,16 +84,18 @@ class DecodeBuffers:
             self._copied.synchronize()
         header, tables = self._host_header.numpy(), self._host_tables.numpy()
         bs = self.block_size
+        ids, positions = [], []
         for i, s in enumerate(batch.seqs):
             seq, pos = s.seq, s.start
-            table = seq.block_table
-            assert len(table) <= self.width, "a block table is wider than max_model_len allows"
-            header[0, i] = seq.all_token_ids[pos]
-            header[1, i] = pos
-            header[2, i] = table[pos // bs] * bs + pos % bs
-            header[3, i] = pos + 1
-            # columns past len(table) keep stale ids: the kernel reads no position >= the context length
-            tables[i, :len(table)] = table
+            assert len(seq.block_table) * bs > pos, "block table must cover the scheduled token"
+            self._rows.write(i, seq.block_table)   # only the blocks appended since the row's last step
+            ids.append(seq.all_token_ids[pos])
+            positions.append(pos)
+        header[0, :n] = ids
+        header[1, :n] = positions
+        pos = header[1, :n]
+        header[2, :n] = tables[np.arange(n), pos // bs] * bs + pos % bs
+        header[3, :n] = pos + 1
         header[:2, n:batch_size] = 0
         header[2, n:batch_size] = -1
         header[3, n:batch_size] = 0

@@ -70,7 +70,8 @@ def load_config(files: ModelFiles) -> ModelConfig:
         raise LoadError(str(e)) from None
 
 
-def iter_weights(files: ModelFiles, dtype: torch.dtype, skip: set[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_weights(files: ModelFiles, dtype: torch.dtype,
+                 skip: set[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF parameter name, tensor) pairs, converted to `dtype`; GGUF tensors named in `skip` are not read."""
     if files.format == "gguf":
         from engine.gguf import GGUFError
@@ -161,7 +162,9 @@ def load_model(files: ModelFiles, config: ModelConfig, dtype: torch.dtype, devic
             skipped = _drop_float_weights(model, packed)
             log.info("float32 copies of %d packed projections not kept (memory): every batch runs packed",
                      len(packed))
-    model = model.to_empty(device=device).to(dtype)
+    # NOTE: cast on meta, then materialise: to_empty in the build's float32 and then .to(dtype) would hold
+    # a float32 copy of every weight on the device (and leave the allocator holding twice the bf16 size)
+    model = model.to(dtype).to_empty(device=device)
     # Buffers computed at construction (the rotary table) were lost on meta: compute them for real.
     model.cos_sin_cache = rope_cos_sin_cache(config.head_dim, config.rope_theta, config.rope_scaling,
                                              max_positions, _rope_freq_factors(files)).to(device)

@@ -10,9 +10,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from engine.attention import AttentionMetadata
+from engine.attention import AttentionMetadata, BlockTableRows
 from engine.config import EngineConfig, ModelConfig
-from engine.cuda_graph import DecodeGraphs, GraphCaptureStats, graph_batch_sizes
+from engine.cuda_graph import DecodeGraphs, GraphCaptureStats, graph_batch_sizes, table_width
 from engine.scheduler import Batch
 
 log = logging.getLogger("llm.engine")
@@ -58,7 +58,9 @@ class ModelRunner:
     """Batch -> tensors -> model -> logits. Never mutates sequences (the scheduler owns them)."""
 
     def __init__(self, model: torch.nn.Module, config: ModelConfig, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, max_model_len: int | None = None):
+        """max_model_len: eager decode rows get block tables of its width (table_width), as the graphs do;
+        None: as wide as the batch's longest table."""
         self.model = model
         self.config = config
         self.block_size = block_size
@@ -68,6 +70,8 @@ class ModelRunner:
         self.kv_caches = [(_zeros(shape, dtype, device), _zeros(shape, dtype, device))
                           for _ in range(config.num_hidden_layers)]
         self.graphs: DecodeGraphs | None = None   # set by use_decode_graphs
+        self._decode_width = table_width(max_model_len, block_size) if max_model_len else 0
+        self._decode_rows_staged: BlockTableRows | None = None
 
     @staticmethod
     def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -139,18 +143,27 @@ class ModelRunner:
             prompt_logits = self.model.compute_logits(hidden[inputs.prompt_logprob_indices])
         return ModelOutput(logits, inputs.sample_rows, prompt_logits, inputs.prompt_logprob_spans)
 
+    def _decode_rows(self, num_rows: int) -> BlockTableRows:
+        """The staged decode-row tables, at least num_rows rows of the fixed width (see __init__)."""
+        if self._decode_rows_staged is None or self._decode_rows_staged.array.shape[0] < num_rows:
+            rows = max(num_rows, 2 * self._decode_rows_staged.array.shape[0] if self._decode_rows_staged else 8)
+            self._decode_rows_staged = BlockTableRows(np.zeros((rows, self._decode_width), dtype=np.int64))
+        return self._decode_rows_staged
+
     def _prepare(self, batch: Batch) -> _EagerInputs:
         """Flatten a Batch (decode rows first, then prefill rows) into model inputs."""
         bs = self.block_size
         input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
+        positions: list[np.ndarray] = []
+        slots: list[np.ndarray] = []
         logits_indices: list[int] = []
         sample_rows: list[int] = []
-        decode_tables, decode_lens = [], []
+        decode_lens = []
         prefill_tables, prefill_query_lens, prefill_lens = [], [], []
         spans: list[PromptLogprobSpan] = []
         span_indices: list[int] = []
+        staged = self._decode_rows(batch.num_decodes) if self._decode_width and batch.num_decodes else None
+        decode_tables, decode_slots = [], []
         for row, s in enumerate(batch.seqs):
             seq = s.seq
             end = s.start + s.num_tokens
@@ -165,13 +178,18 @@ class ModelRunner:
             if seq.params.prompt_logprobs is not None and wanted > 0:
                 spans.append(PromptLogprobSpan(row, len(span_indices), wanted))
                 span_indices.extend(range(first, first + wanted))
-            pos = range(s.start, end)
-            positions.extend(pos)
-            slots.extend(table[p // bs] * bs + p % bs for p in pos)
-            if row < batch.num_decodes:
-                decode_tables.append(table)
+            if row < batch.num_decodes:   # one token: gathered for all decode rows at once below
+                assert s.num_tokens == 1, s
+                if staged is not None:
+                    staged.write(row, table)
+                else:
+                    decode_slots.append(table[s.start // bs] * bs + s.start % bs)
+                    decode_tables.append(table)
                 decode_lens.append(end)
             else:
+                pos = np.arange(s.start, end, dtype=np.int64)
+                positions.append(pos)
+                slots.append(np.asarray(table, dtype=np.int64)[pos // bs] * bs + pos % bs)
                 prefill_tables.append(table)
                 prefill_query_lens.append(s.num_tokens)
                 prefill_lens.append(end)
@@ -179,16 +197,30 @@ class ModelRunner:
                 logits_indices.append(len(input_ids) - 1)
                 sample_rows.append(row)
         dev = self.device
-        meta = AttentionMetadata.for_batch(dev, slots, decode_tables, decode_lens, prefill_tables,
+        nd = batch.num_decodes
+        if nd:
+            decode_pos = np.asarray(decode_lens, dtype=np.int64) - 1
+            positions.insert(0, decode_pos)
+            if staged is not None:
+                decode_slots = staged.array[np.arange(nd), decode_pos // bs] * bs + decode_pos % bs
+                # NOTE: every eager decode step has the same table width (max_model_len's), so the Triton
+                # decode kernel's split count and its tuned config's key do not change with the batch
+                decode_tables = torch.from_numpy(staged.array[:nd]).to(dev, copy=True)
+            slots.insert(0, np.asarray(decode_slots, dtype=np.int64))
+        meta = AttentionMetadata.for_batch(dev, _concat(slots), decode_tables, decode_lens, prefill_tables,
                                            prefill_query_lens, prefill_lens)
         return _EagerInputs(
             input_ids=torch.tensor(input_ids, dtype=torch.int64, device=dev),
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            positions=torch.from_numpy(_concat(positions)).to(dev),
             meta=meta,
             logits_indices=torch.tensor(logits_indices, dtype=torch.int64, device=dev),
             sample_rows=sample_rows,
             prompt_logprob_spans=tuple(spans),
             prompt_logprob_indices=torch.tensor(span_indices, dtype=torch.int64, device=dev))
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

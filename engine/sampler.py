@@ -121,12 +121,13 @@ def _unique_pairs(rows: Sequence[SamplingRow], selected: list[int], x: torch.Ten
         if with_prompt:
             token_ids += rows[i].prompt_token_ids
         lengths.append(len(token_ids) - before)
-    # one host->device copy for all rows; keys = row * V + token
+    # keys = row * V + token, made distinct on the host (torch.unique on a GPU would sync to size its
+    # output), then one host->device copy for all rows
     vocab_size = x.shape[-1]
-    offsets = torch.repeat_interleave(torch.tensor(selected) * vocab_size, torch.tensor(lengths))
-    keys, counts = torch.unique((torch.tensor(token_ids, dtype=torch.long) + offsets).to(x.device),
-                                return_counts=True)
-    return keys // vocab_size, keys % vocab_size, counts
+    offsets = np.repeat(np.asarray(selected, dtype=np.int64) * vocab_size, lengths)
+    keys, counts = np.unique(np.asarray(token_ids, dtype=np.int64) + offsets, return_counts=True)
+    keys = torch.from_numpy(keys).to(x.device)
+    return keys // vocab_size, keys % vocab_size, torch.from_numpy(counts).to(x.device)
 
 
 def _descending(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -282,7 +283,9 @@ class Sampler:
         # logprobs of the raw distribution, as vLLM returns by default
         log_norm = torch.logsumexp(logits, dim=-1)
         chosen_logprobs = logits.gather(1, token_ids[:, None])[:, 0] - log_norm
-        return SamplerOutput(token_ids.tolist(), chosen_logprobs.tolist(),
+        # NOTE: one device->host copy for both: float64 holds every token id and float32 logprob exactly
+        ids_and_logprobs = torch.stack([token_ids.to(torch.float64), chosen_logprobs.to(torch.float64)]).tolist()
+        return SamplerOutput([int(t) for t in ids_and_logprobs[0]], ids_and_logprobs[1],
                              _top_logprobs(logits, log_norm, rows))
 
 

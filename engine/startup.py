@@ -49,6 +49,7 @@ def initial_max_model_len(config: EngineConfig, model_config: ModelConfig) -> in
 def num_kv_blocks(config: EngineConfig, bytes_per_block: int, device: torch.device) -> int:
     """KV blocks that fit the budget: kv_cache_gib, or on CUDA the memory fraction left after the weights."""
     if device.type == "cuda" and config.kv_cache_gib is None:
+        torch.cuda.empty_cache()   # blocks the loader freed are not in use: give them back before measuring
         free, total = torch.cuda.mem_get_info(device)
         used = total - free
         budget = total * config.kv_cache_memory_fraction - used - _activation_reserve(config)

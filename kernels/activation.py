@@ -52,6 +52,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 def tune_jobs(num_tokens: int, inter: int, dtype: torch.dtype, device: torch.device) -> list[TuneJob]:
-    x = torch.randn(num_tokens, 2 * inter, dtype=dtype, device=device)
-    out = torch.empty(num_tokens, inter, dtype=dtype, device=device)
-    return [TuneJob(_key(inter, dtype), CANDIDATES, lambda c: _launch(x, out, c))]
+    inputs = autotune.lazy(lambda: (torch.randn(num_tokens, 2 * inter, dtype=dtype, device=device),
+                                    torch.empty(num_tokens, inter, dtype=dtype, device=device)))
+    return [TuneJob(_key(inter, dtype), CANDIDATES, lambda c: _launch(*inputs(), c))]

@@ -60,6 +60,25 @@ def pow2_bucket(n: int, lo: int = 1, hi: int = 1 << 20) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def candidate_errors() -> tuple[type[BaseException], ...]:
+    """What a kernel config that cannot run on this GPU raises (Triton's compile and resource errors)."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources, PTXASError
+    return (OutOfResources, PTXASError, CompilationError)
+
+
+def lazy(make: Callable[[], Any]) -> Callable[[], Any]:
+    """make() on the first call, the same value after: tuning inputs are built only when a job is timed,
+    so a warm start (every config from the cache) allocates nothing."""
+    box: list = []
+
+    def get():
+        if not box:
+            box.append(make())
+        return box[0]
+    return get
+
+
 def default_cache_dir() -> Path:
     return llm_home() / "autotune"
 
@@ -145,10 +164,12 @@ class Autotuner:
 
     def _time(self, job: TuneJob) -> dict[str, int]:
         best, best_ms = None, float("inf")
+        skippable = candidate_errors()
         for config in job.candidates:
             try:
                 ms = self.timer(lambda config=config: job.launch(config))
-            except Exception:   # a candidate that does not compile/fit (shared memory, registers) is skipped
+            except skippable:   # a candidate that does not compile or fit (shared memory, registers)
+                # NOTE: nothing broader: an illegal address or a CUDA error is a bug, and it poisons the context
                 continue
             if ms < best_ms:
                 best, best_ms = dict(config), ms

@@ -157,14 +157,18 @@ def tune_jobs(batch_sizes: list[int], num_heads: int, num_kv_heads: int, head_di
     max_blocks = triton.cdiv(max_model_len, block_size)
     # one shared pool of random blocks caps tuning memory; tables draw from it with repeats
     num_blocks = min(max(batch_sizes) * max_blocks, 16384)
-    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
-    v_cache = torch.randn_like(k_cache)
+    # built only when a job is timed (autotune.lazy): a warm start allocates none of it
+    caches = autotune.lazy(lambda: tuple(torch.randn(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype,
+                                                     device=device) for _ in "kv"))
+
+    def make(batch: int):
+        q = torch.randn(batch, num_heads, head_dim, dtype=dtype, device=device)
+        return (q, *caches(), torch.randint(0, num_blocks, (batch, max_blocks), device=device),
+                torch.full((batch,), max_model_len, device=device), head_dim ** -0.5, torch.empty_like(q))
+
     jobs = []
     for batch in sorted({autotune.pow2_bucket(b, hi=512) for b in batch_sizes}):
-        tables = torch.randint(0, num_blocks, (batch, max_blocks), device=device)
-        lens = torch.full((batch,), max_model_len, device=device)
-        q = torch.randn(batch, num_heads, head_dim, dtype=dtype, device=device)
-        args = (q, k_cache, v_cache, tables, lens, head_dim ** -0.5, torch.empty_like(q))
+        args = autotune.lazy(lambda batch=batch: make(batch))
         key = _key(head_dim, num_heads // num_kv_heads, batch, max_blocks * block_size, dtype)
-        jobs.append(TuneJob(key, CANDIDATES, lambda c, a=args: _launch(*a, c)))
+        jobs.append(TuneJob(key, CANDIDATES, lambda c, args=args: _launch(*args(), c)))
     return jobs

@@ -116,14 +116,15 @@ def tune_jobs(query_lens: list[int], num_heads: int, num_kv_heads: int, head_dim
               dtype: torch.dtype, device: torch.device) -> list[TuneJob]:
     """One job per query-length bucket: a single sequence prefilling that many tokens from scratch."""
     jobs = []
-    for q_len in sorted({autotune.pow2_bucket(n, lo=16, hi=8192) for n in query_lens}):
+    def make(q_len: int):   # built only when the job is timed (autotune.lazy)
         num_blocks = triton.cdiv(q_len, block_size)
         k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
-        v_cache = torch.randn_like(k_cache)
-        tables = torch.randperm(num_blocks, device=device)[None, :]
         q = torch.randn(q_len, num_heads, head_dim, dtype=dtype, device=device)
-        cu = torch.tensor([0, q_len], device=device)
-        lens = torch.tensor([q_len], device=device)
-        args = (q, k_cache, v_cache, cu, lens, tables, head_dim ** -0.5, q_len, torch.empty_like(q))
-        jobs.append(TuneJob(_key(head_dim, q_len, dtype), CANDIDATES, lambda c, a=args: _launch(*a, c)))
+        return (q, k_cache, torch.randn_like(k_cache), torch.tensor([0, q_len], device=device),
+                torch.tensor([q_len], device=device), torch.randperm(num_blocks, device=device)[None, :],
+                head_dim ** -0.5, q_len, torch.empty_like(q))
+
+    for q_len in sorted({autotune.pow2_bucket(n, lo=16, hi=8192) for n in query_lens}):
+        args = autotune.lazy(lambda q_len=q_len: make(q_len))
+        jobs.append(TuneJob(_key(head_dim, q_len, dtype), CANDIDATES, lambda c, args=args: _launch(*args(), c)))
     return jobs

@@ -69,12 +69,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 
 def tune_jobs(num_tokens: int, hidden: int, dtype: torch.dtype, device: torch.device) -> list[TuneJob]:
-    x = torch.randn(num_tokens, hidden, dtype=dtype, device=device)
-    residual = torch.randn_like(x)
-    weight = torch.ones(hidden, dtype=dtype, device=device)
-    out, new_res = torch.empty_like(x), torch.empty_like(x)
+    def make():   # built only if the job is timed (autotune.lazy)
+        x = torch.randn(num_tokens, hidden, dtype=dtype, device=device)
+        return x, torch.randn_like(x), torch.ones(hidden, dtype=dtype, device=device), torch.empty_like(x), \
+            torch.empty_like(x)
+    inputs = autotune.lazy(make)
 
     def launch(config: Config) -> None:
+        x, residual, weight, out, new_res = inputs()
         _rms_norm_kernel[(num_tokens,)](x, residual, weight, out, new_res, hidden, hidden, hidden, 1e-6,
                                         HAS_RESIDUAL=True, BLOCK_H=triton.next_power_of_2(hidden),
                                         num_warps=config["num_warps"])

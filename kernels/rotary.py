@@ -12,6 +12,19 @@ CANDIDATES: tuple[Config, ...] = tuple({"num_warps": w} for w in (4, 1, 2, 8))
 
 
 @triton.jit
+def _round_to(x, dtype: tl.constexpr):
+    """float32 x rounded (to nearest, ties to even) to dtype's precision, kept in float32."""
+    if dtype == tl.bfloat16:
+        # by its bits: Triton's interpreter truncates a float32 -> bfloat16 cast (the GPU rounds), and the
+        # tests compare the kernel with the twin bit for bit in both
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
 def _rotate_heads(src_ptr, dst_ptr, token, stride_t, stride_h, num_heads, half, cos, sin,
                   BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr):
     heads = tl.arange(0, BLOCK_HEADS)[:, None]
@@ -20,10 +33,17 @@ def _rotate_heads(src_ptr, dst_ptr, token, stride_t, stride_h, num_heads, half, 
     src = src_ptr + token * stride_t + heads * stride_h + cols
     x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + half, mask=mask, other=0.0).to(tl.float32)
-    # the output is contiguous [T, heads, 2 * half]
+    # NOTE: rounded as HF Llama does it (and the twin): cos/sin cast to the input dtype, then each product
+    # and the sum rounded to it; in float32 the casts are no-ops
+    dtype = dst_ptr.dtype.element_ty
+    cos = _round_to(cos, dtype)
+    sin = _round_to(sin, dtype)
+    x1_cos, x2_sin = _round_to(x1 * cos, dtype), _round_to(x2 * sin, dtype)
+    x2_cos, x1_sin = _round_to(x2 * cos, dtype), _round_to(x1 * sin, dtype)
+    # the output is contiguous [T, heads, 2 * half]; the values are representable, so the casts are exact
     dst = dst_ptr + token * num_heads * 2 * half + heads * 2 * half + cols
-    tl.store(dst, (x1 * cos - x2 * sin).to(dst_ptr.dtype.element_ty), mask=mask)
-    tl.store(dst + half, (x2 * cos + x1 * sin).to(dst_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst, _round_to(x1_cos - x2_sin, dtype).to(dtype), mask=mask)
+    tl.store(dst + half, _round_to(x2_cos + x1_sin, dtype).to(dtype), mask=mask)
 
 
 @triton.jit
@@ -83,10 +103,11 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
 
 def tune_jobs(num_tokens: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
               device: torch.device) -> list[TuneJob]:
-    q = torch.randn(num_tokens, num_heads, head_dim, dtype=dtype, device=device)
-    k = torch.randn(num_tokens, num_kv_heads, head_dim, dtype=dtype, device=device)
-    positions = torch.arange(num_tokens, device=device)
-    cos_sin = torch.randn(num_tokens, head_dim, device=device)
-    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    def make():   # built only if the job is timed (autotune.lazy)
+        q = torch.randn(num_tokens, num_heads, head_dim, dtype=dtype, device=device)
+        k = torch.randn(num_tokens, num_kv_heads, head_dim, dtype=dtype, device=device)
+        return (q, k, torch.arange(num_tokens, device=device), torch.randn(num_tokens, head_dim, device=device),
+                torch.empty_like(q), torch.empty_like(k))
+    inputs = autotune.lazy(make)
     return [TuneJob(_key(num_heads, head_dim, dtype), CANDIDATES,
-                    lambda c: _launch(q, k, positions, cos_sin, q_out, k_out, c["num_warps"]))]
+                    lambda c: _launch(*inputs(), c["num_warps"]))]

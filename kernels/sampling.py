@@ -23,8 +23,9 @@ def _ordered_key(x):
 
 @triton.jit
 def _scaled(row_ptr, v, vocab, temperature):
-    # a true division, as the twin does: x * (1 / t) can round differently and move a cut-off
-    return tl.load(row_ptr + v, mask=v < vocab, other=float("-inf")).to(tl.float32) / temperature
+    # an IEEE division (round to nearest), as the twin does: Triton's `/` on float32 is an approximation on
+    # the GPU, and x * (1 / t) rounds differently too; either can move a cut-off
+    return tl.math.div_rn(tl.load(row_ptr + v, mask=v < vocab, other=float("-inf")).to(tl.float32), temperature)
 
 
 @triton.jit

@@ -5,6 +5,10 @@ On the GPU host (wheels staged here first with ../shared/gpu/stage, `.gpu-wheels
 
     source .gpu-wheels/activate && PYTHONUNBUFFERED=1 python3 scripts/bench_gpu.py --json $OUT/bench_gpu.json
 
+The JSON is rewritten after every phase (a run cut short keeps what it measured). `--quick` times fewer
+steps and captures graphs up to batch 64 only, for the device check's time box (scripts/gpu_check);
+`--layers N` builds the speed shapes with N decoder layers.
+
 On the CPU, `--smoke` runs every code path on tiny float32 shapes (the test suite does this). Models are
 randomly initialised by transformers (no weights can be downloaded there) and saved as HF directories.
 """
@@ -65,6 +69,8 @@ class Plan:
     prefill_attn_len: int = 4096
     num_parity_prompts: int = 32
     parity_tokens: int = 16
+    layers: int | None = None         # decoder layers of the speed shapes (None: the published count)
+    mode: str = "gpu"                 # gpu | quick | smoke
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -72,10 +78,14 @@ class Plan:
 
 
 GPU_PLAN = Plan("cuda", "bfloat16", ("SmolLM2-135M", "Llama-3-8B"), ("SmolLM2-135M", "Qwen2.5-0.5B"))
+# --quick: the figures the device check needs inside its time box (the Llama-3-8B shape in about 4 minutes):
+# fewer timed steps and prompts, graphs up to batch 64 only (11 captures instead of 36)
+QUICK_PLAN = replace(GPU_PLAN, decode_warmup=3, decode_steps=30, hf_steps=10, prefill_prompts=4, max_num_seqs=64,
+                     max_num_batched_tokens=2048, num_parity_prompts=16, kernel_tokens=4096, mode="quick")
 SMOKE_PLAN = Plan("cpu", "float32", ("tiny-llama",), ("tiny-llama", "tiny-qwen2"), big_batch=4, prompt_len=16,
                   decode_warmup=1, decode_steps=3, hf_steps=3, prefill_prompts=2, prefill_len=48, max_model_len=256,
                   max_num_seqs=8, max_num_batched_tokens=64, kv_cache_gib=0.05, copy_mib=16, kernel_tokens=64,
-                  attn_context=64, prefill_attn_len=48, num_parity_prompts=8, parity_tokens=8)
+                  attn_context=64, prefill_attn_len=48, num_parity_prompts=8, parity_tokens=8, mode="smoke")
 
 
 def sync(device: str) -> None:
@@ -111,6 +121,8 @@ def make_checkpoint(name: str, plan: Plan, root: Path, seed: int = 0):
     family, kwargs = SHAPES[name]
     config_cls, model_cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
                              "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}[family]
+    if plan.layers and name in plan.speed_shapes:
+        kwargs = dict(kwargs, num_hidden_layers=min(plan.layers, kwargs["num_hidden_layers"]))
     config = config_cls(**kwargs, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
@@ -220,7 +232,8 @@ def engine_prefill(core, plan: Plan, vocab: int) -> dict:
         while core.has_work():
             core.step()
         seconds = time.perf_counter() - start
-    return {"tok_s": plan.prefill_prompts * plan.prefill_len / seconds, "tokens": plan.prefill_prompts * plan.prefill_len}
+    tokens = plan.prefill_prompts * plan.prefill_len
+    return {"tok_s": tokens / seconds, "tokens": tokens}
 
 
 @torch.inference_mode()
@@ -309,26 +322,31 @@ def kernel_bench(name: str, plan: Plan, copy: float) -> list[dict]:
     return rows
 
 
-def startup_in_child(path: Path, plan: Plan, cache_dir: Path, smoke: bool) -> dict:
+def startup_in_child(path: Path, plan: Plan, cache_dir: Path) -> dict:
     """A fresh process starting the engine with a warm autotune cache: process_s includes imports and CUDA init."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--startup-child", str(path), "--cache-dir", str(cache_dir)]
+    cmd += {"smoke": ["--smoke"], "quick": ["--quick"]}.get(plan.mode, [])   # the same engine settings
     start = time.perf_counter()
-    done = subprocess.run(cmd + (["--smoke"] if smoke else []), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if done.returncode:
         raise RuntimeError(f"startup child failed:\n{done.stderr[-4000:]}")
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     return dict(figures, process_s=time.perf_counter() - start)
 
 
-def run_model(name: str, plan: Plan, root: Path, copy: float, smoke: bool) -> dict:
+def run_model(name: str, plan: Plan, root: Path, copy: float, entry: dict,
+              save=lambda phase: None, warm_start: bool = True) -> dict:
+    """Every phase of one model shape; `entry` is filled in place and save(phase) called after each phase,
+    so a run cut short still leaves the figures it got."""
     vocab = SHAPES[name][1]["vocab_size"]
-    entry: dict = {}
     start = time.perf_counter()
     hf_model, path = make_checkpoint(name, plan, root)
     entry["checkpoint_s"] = time.perf_counter() - start
+    save("checkpoint")
     is_speed, is_parity = name in plan.speed_shapes, name in plan.parity_shapes
     if is_speed:
         entry["hf_decode_b1"] = hf_decode(hf_model, plan, vocab)
+        save("hf_decode_b1")
     if not is_parity:
         del hf_model   # the 8B shape: free its 16 GB before our engine loads
         hf_model = None
@@ -337,17 +355,25 @@ def run_model(name: str, plan: Plan, root: Path, copy: float, smoke: bool) -> di
     cache_dir = root / "autotune"
     # parity-only shapes start with heuristic configs: it is the kernels' results that are checked, not speed
     core, entry["startup_cold"] = start_engine(engine_config(path, plan, cache_dir, autotune=is_speed))
+    save("startup_cold")
     if is_speed:
-        entry["decode"] = [engine_decode(core, b, plan, vocab) for b in (1, plan.big_batch)]
+        entry["decode"] = []
+        for batch in (1, plan.big_batch):
+            entry["decode"].append(engine_decode(core, batch, plan, vocab))
+            save(f"decode_b{batch}")
         entry["prefill"] = engine_prefill(core, plan, vocab)
+        save("prefill")
         entry["kernels"] = kernel_bench(name, plan, copy)
+        save("kernels")
     if is_parity:
         entry["parity"] = parity(core, hf_model, plan, vocab)
+        save("parity")
     del core, hf_model
     if plan.device == "cuda":
         torch.cuda.empty_cache()
-    if is_speed:
-        entry["startup_warm"] = startup_in_child(path, plan, cache_dir, smoke)
+    if is_speed and warm_start:
+        entry["startup_warm"] = startup_in_child(path, plan, cache_dir)
+        save("startup_warm")
     return entry
 
 
@@ -387,20 +413,30 @@ def table(report: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny float32 shapes on the CPU")
-    ap.add_argument("--json", type=Path, help="write the figures here (rewritten after each model)")
+    ap.add_argument("--json", type=Path, help="write the figures here (rewritten after every phase)")
     ap.add_argument("--models", help="comma-separated subset of the plan's models")
+    ap.add_argument("--quick", action="store_true",
+                    help="fewer timed steps and prompts, graphs up to batch 64 (the device check's time box)")
+    ap.add_argument("--layers", type=int, help="decoder layers of the speed shapes (default: the real count)")
+    ap.add_argument("--no-warm-start", action="store_true", help="skip the warm-start child process")
+    ap.add_argument("--parity-only", action="store_true", help="only the greedy-parity shapes, no speed figures")
     ap.add_argument("--startup-child", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    plan = SMOKE_PLAN if args.smoke else GPU_PLAN
+    plan = SMOKE_PLAN if args.smoke else QUICK_PLAN if args.quick else GPU_PLAN
+    if args.layers:
+        plan = replace(plan, layers=args.layers)
     if args.smoke:
         torch.set_num_threads(1)   # tiny shapes: more threads only contend (and CI cores are shared)
     if args.startup_child:
         core, figures = start_engine(engine_config(args.startup_child, plan, args.cache_dir))
+        del core
         print(json.dumps(figures))
         return
     if plan.device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: run with --smoke for the CPU code paths")
+    if args.parity_only:
+        plan = replace(plan, speed_shapes=())
     if args.models:
         keep = set(args.models.split(","))
         plan = replace(plan, speed_shapes=tuple(s for s in plan.speed_shapes if s in keep),
@@ -408,16 +444,27 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if plan.device == "cuda" else "cpu"
     report = {"device": device_name, "torch": torch.__version__, "plan": asdict(plan), "dtype": plan.dtype,
               "big_batch": plan.big_batch, "parity_tokens": plan.parity_tokens, "models": {}}
-    report["copy_gbps"] = copy_gbps(plan)
     start = time.perf_counter()
+
+    def save(phase: str) -> None:
+        report["seconds"] = time.perf_counter() - start
+        report["last_phase"] = phase
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            tmp = args.json.with_name(args.json.name + ".tmp")
+            tmp.write_text(json.dumps(report, indent=1))
+            tmp.replace(args.json)   # a reader (or a kill) never sees half a file
+        print(f"[{report['seconds']:.0f}s] {phase}", file=sys.stderr, flush=True)
+
+    report["copy_gbps"] = copy_gbps(plan)
+    save("copy_gbps")
     with tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmp:
         for name in dict.fromkeys(plan.speed_shapes + plan.parity_shapes):
-            report["models"][name] = run_model(name, plan, Path(tmp), report["copy_gbps"], args.smoke)
-            report["seconds"] = time.perf_counter() - start
-            if args.json:
-                args.json.parent.mkdir(parents=True, exist_ok=True)
-                args.json.write_text(json.dumps(report, indent=1))
-            print(f"[{report['seconds']:.0f}s] {name} done", file=sys.stderr, flush=True)
+            entry = report["models"][name] = {}
+            run_model(name, plan, Path(tmp), report["copy_gbps"], entry,
+                      save=lambda phase, name=name: save(f"{name} {phase}"), warm_start=not args.no_warm_start)
+    report["done"] = True
+    save("done")
     print(table(report))
 
 

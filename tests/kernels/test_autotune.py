@@ -7,6 +7,9 @@ import torch
 from kernels import autotune
 from kernels.autotune import Autotuner, TuneJob, TuneKey
 
+triton = pytest.importorskip("triton")
+from triton.runtime.errors import OutOfResources  # noqa: E402
+
 
 @pytest.fixture(autouse=True)
 def _fresh_table():
@@ -30,8 +33,8 @@ class FakeTimer:
 def _jobs(timer: FakeTimer, launched: list) -> list[TuneJob]:
     def launch(config):
         launched.append(dict(config))
-        if config["BLOCK"] == 512:
-            raise RuntimeError("out of shared memory")   # a candidate that cannot run is skipped
+        if config["BLOCK"] == 512:   # a candidate that cannot run is skipped
+            raise OutOfResources(262144, 232448, "shared memory")
         timer.current = {"cost": abs(config["BLOCK"] - 64) + 1}
 
     candidates = [{"BLOCK": b, "num_warps": 4} for b in (128, 512, 64, 32)]
@@ -60,6 +63,34 @@ def test_tunes_once_then_reuses_the_file(tmp_path):
     warm.run(_jobs(timer2, launched2))
     assert timer2.calls == 0 and launched2 == [] and warm.num_loaded == 2 and warm.num_tuned == 0
     assert autotune.chosen(key, {"BLOCK": 1}) == {"BLOCK": 64, "num_warps": 4}
+
+
+def _one_ms(fn) -> float:
+    fn()
+    return 1.0
+
+
+def test_a_failing_launch_that_is_not_a_resource_error_is_raised(tmp_path):
+    """An illegal address (a RuntimeError from CUDA) is a bug, not a config to skip."""
+    def launch(config):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    job = TuneJob(TuneKey("decode_attention", "b1", "bfloat16"), [{"BLOCK": 64}], launch)
+    tuner = Autotuner(tmp_path, timer=_one_ms, gpu_name="G", triton_version="1")
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        tuner.run([job])
+
+
+def test_warm_cache_builds_no_tuning_inputs(tmp_path):
+    built = []
+    inputs = autotune.lazy(lambda: built.append(1) or torch.zeros(4))
+    job = TuneJob(TuneKey("rms_norm", "h4", "float32"), [{"BLOCK": 8}, {"BLOCK": 16}],
+                  lambda config: inputs().add_(1))
+    Autotuner(tmp_path, timer=_one_ms, gpu_name="G", triton_version="1").run([job])
+    assert built == [1]                  # cold: built once, shared by both candidates
+    built.clear()
+    Autotuner(tmp_path, timer=_one_ms, gpu_name="G", triton_version="1").run([job])
+    assert built == []
 
 
 def test_new_gpu_or_triton_version_retunes(tmp_path):

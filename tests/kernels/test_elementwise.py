@@ -52,6 +52,31 @@ def test_rotary_strided_qkv(device, head_dim, num_kv_heads):
     torch.testing.assert_close(k_out, k_want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rotary_rounds_like_hf_llama(device, dtype):
+    """bf16/fp16: bit for bit the twin and transformers' LlamaRotaryEmbedding + apply_rotary_pos_emb (cos/sin
+    cast to the dtype, each product and sum rounded to it)."""
+    tf = pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    from engine.models.layers import rope_cos_sin_cache
+    torch.manual_seed(7)
+    t, num_heads, num_kv_heads, head_dim = 9, 6, 3, 80
+    config = tf.LlamaConfig(hidden_size=num_heads * head_dim, num_attention_heads=num_heads,
+                            num_key_value_heads=num_kv_heads, max_position_embeddings=4096, rope_theta=500000.0)
+    q = torch.randn(t, num_heads, head_dim, device=device).to(dtype)
+    k = torch.randn(t, num_kv_heads, head_dim, device=device).to(dtype)
+    positions = torch.tensor([0, 3, 4095, 1, 50, 50, 7, 2, 1000], device=device)
+    cos_sin = rope_cos_sin_cache(head_dim, 500000.0, None, 4096).to(device)
+    q_out, k_out = rotary_embedding(q, k, positions, cos_sin)
+    q_twin, k_twin = ref.rotary_embedding(q, k, positions, cos_sin)
+    cos, sin = LlamaRotaryEmbedding(config).to(device)(q, positions[None])
+    q_hf, k_hf = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+    for got, twin, hf in ((q_out, q_twin, q_hf), (k_out, k_twin, k_hf)):
+        assert torch.equal(got, twin)
+        assert torch.equal(got, hf[0].transpose(0, 1))
+
+
 @pytest.mark.parametrize("inter", [100, 37])
 def test_silu_and_mul(device, inter):
     torch.manual_seed(inter)
