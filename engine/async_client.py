@@ -155,11 +155,12 @@ class AsyncEngineClient(EngineClient):
                 self.abort(request_id)
 
     async def embed(self, request_id: str, inputs: list[list[int]], pooling: str | None = None,
-                    normalize: bool = True) -> EmbedOutput:
+                    normalize: bool = True, *, task: str = "embed",
+                    token_type_ids: list[list[int]] | None = None) -> EmbedOutput:
         future = asyncio.get_running_loop().create_future()
         self._embeds[request_id] = future
         try:
-            self._send(EmbedRequest(request_id, inputs, pooling, normalize))
+            self._send(EmbedRequest(request_id, inputs, pooling, normalize, task, token_type_ids))
             return await future
         finally:
             self._embeds.pop(request_id, None)

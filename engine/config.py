@@ -18,6 +18,9 @@ ARCHITECTURES: dict[str, str] = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "BertModel": "bert",
+    # Sequence classifiers over our decoders (engine/models/sequence_classification.py adds the head).
+    "LlamaForSequenceClassification": "llama",
+    "Qwen2ForSequenceClassification": "qwen2",
 }
 MODEL_TYPES: dict[str, str] = {
     "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -58,7 +61,8 @@ class ModelConfig:
 
     @property
     def is_embedding_model(self) -> bool:
-        return self.family == "bert"
+        """A pooling model (an encoder, or a decoder with a classification head): it does not generate."""
+        return self.family == "bert" or self.architecture.endswith("ForSequenceClassification")
 
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any], source: str) -> "ModelConfig":

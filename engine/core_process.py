@@ -27,7 +27,7 @@ ENGINE_FLAG = "--llm-engine-core"   # the packaged executable (launcher/frozen.p
 
 
 class Core(Protocol):
-    """What the loop drives: EngineCore (decoders) and EmbeddingCore (encoders)."""
+    """What the loop drives: EngineCore (decoders) and PoolingCore (encoders and classifiers)."""
     info: EngineInfo
 
     def add_request(self, request: AddRequest) -> list[TokenOutput]: ...
@@ -56,9 +56,9 @@ def run_engine_core(config: EngineConfig, requests: Connection, outputs: Connect
 
 
 def _build_core(config: EngineConfig, on_phase) -> Core:
-    from engine.embedding_core import EmbeddingCore, is_encoder_model
-    if is_encoder_model(config.model):
-        return EmbeddingCore(config, on_phase=on_phase)
+    from engine.embedding_core import PoolingCore, is_pooling_model
+    if is_pooling_model(config.model):
+        return PoolingCore(config, on_phase=on_phase)
     from engine.core import EngineCore
     return EngineCore(config, on_phase=on_phase)
 

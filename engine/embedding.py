@@ -48,7 +48,7 @@ class PoolingConfig:
             elif kind != "Transformer":
                 raise ValueError(f"{path / 'modules.json'}: unsupported sentence-transformers module "
                                  f"{module.get('type')!r} (supported: Transformer, Pooling, Normalize)")
-        limit = config.max_position_embeddings
+        limit = config.max_seq_length
         st_max = _read_json(path / "sentence_bert_config.json", default={}).get("max_seq_length")
         tok_max = _read_json(path / "tokenizer_config.json", default={}).get("model_max_length")
         max_len = st_max or (tok_max if isinstance(tok_max, int) and tok_max < limit else limit)
@@ -168,21 +168,53 @@ class EmbeddingModel:
         config = self.model.config
         check_inputs(token_id_lists, config.vocab_size, self.pooling.max_seq_length)
         out = torch.empty(len(token_id_lists), self.dimensions)
-        lengths = [len(ids) for ids in token_id_lists]
-        for group in chunks(lengths, self.max_batch_tokens, padded=True):
-            width = max(lengths[i] for i in group)
-            ids = torch.full((len(group), width), config.pad_token_id, dtype=torch.int64)
-            mask = torch.zeros(len(group), width, dtype=torch.int64)
-            for row, i in enumerate(group):
-                ids[row, : lengths[i]] = torch.tensor(token_id_lists[i])
-                mask[row, : lengths[i]] = 1
-            ids, mask = ids.to(self.device), mask.to(self.device)
+        for group, ids, mask, _ in padded_batches(token_id_lists, config.pad_token_id, self.max_batch_tokens,
+                                                  self.device):
             hidden = self.model(ids, mask)
             pooled = torch.cat([pool_padded(hidden, mask, mode) for mode in self.pooling.modes], dim=-1)
             if self.pooling.normalize:
                 pooled = F.normalize(pooled, dim=-1)
             out[group] = pooled.cpu()
         return out
+
+    @torch.inference_mode()
+    def token_states(self, token_id_lists: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Per-token last hidden states: one [len(ids), hidden] float32 CPU tensor per input."""
+        config = self.model.config
+        check_inputs(token_id_lists, config.vocab_size, self.pooling.max_seq_length)
+        return encoder_token_states(self.model, token_id_lists, None, self.max_batch_tokens, self.device)
+
+
+def padded_batches(token_id_lists: Sequence[Sequence[int]], pad_token_id: int, max_batch_tokens: int,
+                   device: torch.device, token_type_ids: Sequence[Sequence[int]] | None = None
+                   ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """Right-padded groups (chunks(), longest first): (input indices, ids [B, L], mask [B, L], token
+    types [B, L] or None) on `device`."""
+    lengths = [len(ids) for ids in token_id_lists]
+    for group in chunks(lengths, max_batch_tokens, padded=True):
+        width = max(lengths[i] for i in group)
+        ids = torch.full((len(group), width), pad_token_id, dtype=torch.int64)
+        mask = torch.zeros(len(group), width, dtype=torch.int64)
+        types = None if token_type_ids is None else torch.zeros(len(group), width, dtype=torch.int64)
+        for row, i in enumerate(group):
+            ids[row, : lengths[i]] = torch.tensor(token_id_lists[i])
+            mask[row, : lengths[i]] = 1
+            if types is not None:
+                types[row, : lengths[i]] = torch.tensor(token_type_ids[i])
+        yield group, ids.to(device), mask.to(device), None if types is None else types.to(device)
+
+
+def encoder_token_states(model: BertModel, token_id_lists: Sequence[Sequence[int]],
+                         token_type_ids: Sequence[Sequence[int]] | None, max_batch_tokens: int,
+                         device: torch.device) -> list[torch.Tensor]:
+    """An encoder's last hidden states per input ([len(ids), hidden] float32 on the CPU), input order."""
+    out: list[torch.Tensor | None] = [None] * len(token_id_lists)
+    for group, ids, mask, types in padded_batches(token_id_lists, model.config.pad_token_id, max_batch_tokens,
+                                                  device, token_type_ids):
+        hidden = model(ids, mask, types).float().cpu()
+        for row, i in enumerate(group):
+            out[i] = hidden[row, : len(token_id_lists[i])].clone()
+    return out
 
 
 @torch.inference_mode()
@@ -250,5 +282,6 @@ def embed_request(embed: Callable[[list[list[int]]], torch.Tensor], request: Emb
 
 def decoder_embed_request(core, request: EmbedRequest) -> EmbedOutput:
     """/v1/embeddings on a decoder: its hidden states pooled (request.pooling, default 'last')."""
+    assert request.task == "embed", f"{request.request_id}: a decoder LM only embeds (task {request.task!r})"
     pooling = request.pooling or "last"
     return embed_request(lambda inputs: decoder_embed(core, inputs, pooling, request.normalize), request)

@@ -39,10 +39,14 @@ class StopSample:
 
 @dataclass(frozen=True, slots=True)
 class EmbedRequest:
+    """Run a pooling model (or pool a decoder's hidden states) over token id lists, all in one call."""
     request_id: str
     inputs: list[list[int]]              # token ids per input (special tokens included)
     pooling: str | None = None           # decoder models: 'last' | 'mean' (None: 'last')
     normalize: bool = True               # decoder models only; encoders follow their own config
+    task: str = "embed"                  # 'embed' (pooled vectors) | 'classify' (a classifier's probabilities)
+                                         # | 'token_embed' (every token's last hidden state; encoders)
+    token_type_ids: list[list[int]] | None = None   # per input, for a cross-encoder's pairs (None: all 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +89,7 @@ class EngineInfo:
     is_embedding_model: bool
     load_seconds: float
     default_sampling: dict = field(default_factory=dict)   # from generation_config.json
+    labels: tuple[str, ...] = ()          # a sequence classifier's labels in id order (empty: not one)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,8 +139,11 @@ class StepOutputs:
 
 @dataclass(frozen=True, slots=True)
 class EmbedOutput:
+    """One EmbedRequest's result: the field of its task is set (or error)."""
     request_id: str
-    embeddings: object | None = None     # numpy float32 [len(inputs), dimensions]
+    embeddings: object | None = None     # 'embed': numpy float32 [len(inputs), dimensions]
+    probs: object | None = None          # 'classify': numpy float32 [len(inputs), num_labels], activated
+    token_embeddings: list | None = None   # 'token_embed': numpy float32 [len(ids), hidden] per input
     num_tokens: int = 0
     error: str | None = None
     error_code: str | None = None        # 'context_length_exceeded' for an over-long input

@@ -66,8 +66,10 @@ class EngineClient(abc.ABC):
 
     @abc.abstractmethod
     async def embed(self, request_id: str, inputs: list[list[int]], pooling: str | None = None,
-                    normalize: bool = True) -> EmbedOutput:
-        """Embed token id lists; the output carries a numpy [N, D] array or an error message."""
+                    normalize: bool = True, *, task: str = "embed",
+                    token_type_ids: list[list[int]] | None = None) -> EmbedOutput:
+        """Run a pooling task over token id lists (engine.messages.EmbedRequest); the output carries the
+        task's numpy result or an error message."""
 
     @abc.abstractmethod
     async def stats(self) -> EngineStats:

@@ -170,6 +170,24 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
         return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
 
+    def encode_pair(self, text: str, pair: str | None = None,
+                    max_length: int | None = None) -> tuple[list[int], list[int]]:
+        """(ids, token type ids) of a text or a pair with the post-processor's special tokens, as
+        transformers' tokenizer(text, pair, truncation=True, max_length=...) gives: over max_length, the
+        longer side loses tokens from its end first (longest_first); special tokens are kept."""
+        first = self._backend.encode(text, add_special_tokens=False)
+        second = None if pair is None else self._backend.encode(pair, add_special_tokens=False)
+        if max_length is not None:
+            budget = max(max_length - self._backend.num_special_tokens_to_add(pair is not None), 0)
+            if second is None:
+                first.truncate(budget)
+            elif len(first.ids) + len(second.ids) > budget:
+                n1, n2 = _longest_first(len(first.ids), len(second.ids), budget)
+                first.truncate(n1)
+                second.truncate(n2)
+        out = self._backend.post_process(first, second, add_special_tokens=True)
+        return out.ids, out.type_ids
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
@@ -193,6 +211,16 @@ class Tokenizer:
 
 
 # ---------------------------------------------------------------------- helpers
+
+def _longest_first(n1: int, n2: int, budget: int) -> tuple[int, int]:
+    """The lengths tokenizers' LongestFirst truncation keeps: the shorter text keeps what it can up to
+    half the budget, the longer one the rest (it gets the odd token when both are cut)."""
+    short, long_ = min(n1, n2), max(n1, n2)
+    long_ = short if short > budget else max(short, budget - short)
+    if short + long_ > budget:
+        short, long_ = budget // 2, budget // 2 + budget % 2
+    return (long_, short) if n1 > n2 else (short, long_)
+
 
 
 def _read_json(path: Path) -> dict:

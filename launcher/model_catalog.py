@@ -22,7 +22,7 @@ class LocalModel:
     format: str                 # gguf | safetensors
     size_bytes: int             # on disk (the GGUF file, or the whole directory)
     quantization: str | None    # GGUF file type (Q4_1, F16 ...), quant method, or the dominant dtype
-    capability: str             # chat | completion | embedding
+    capability: str             # chat | completion | embedding | rerank | classify
     provider: str               # where it was found: llm (our cache) | hf (the HF hub cache)
 
     def to_json(self) -> dict[str, Any]:
@@ -153,9 +153,12 @@ def _dominant_dtype(folder: Path) -> str | None:
 
 
 def dir_capability(folder: Path) -> str:
-    """embedding for sentence-transformers folders and encoders, chat with a chat template, else completion."""
+    """rerank / classify for sequence classifiers, embedding for sentence-transformers folders and encoders, chat
+    with a chat template, else completion."""
     config = _json(folder / "config.json")
     archs = config.get("architectures") or []
+    if any(a.endswith("ForSequenceClassification") for a in archs):   # a cross-encoder has one label
+        return "rerank" if config.get("num_labels", len(config.get("id2label") or {}) or 2) == 1 else "classify"
     if (folder / "modules.json").exists() or config.get("model_type") in _ENCODER_TYPES or \
             any(a.endswith("Model") for a in archs):
         return "embedding"

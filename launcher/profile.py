@@ -114,6 +114,10 @@ class ServerSection:
     max_loaded_models: int | None = key(None, "most models loaded at once: loading an on_demand one past "
                                         "this unloads the least recently used idle one; unset: no limit",
                                         "int", lo=1)
+    max_stored_responses: int = key(1000, "/v1/responses kept for previous_response_id and GET (store: true); "
+                                    "the least recently used go past this", "int", lo=1)
+    persist_responses: bool = key(False, "also keep stored responses as JSON files in $LLM_HOME/responses, so they "
+                                  "outlive a restart", "bool")
 
     def resolve_api_keys(self, environ: dict[str, str] | None = None) -> tuple[str, ...]:
         """The keys to accept: api_keys, or those in $api_key_env (an unset variable is an error)."""

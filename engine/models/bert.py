@@ -1,4 +1,4 @@
-"""BERT encoder (as sentence-transformers uses it): embeddings, N post-norm bidirectional layers."""
+"""BERT encoder (as sentence-transformers uses it, and XLM-RoBERTa's): embeddings, N post-norm bidirectional layers."""
 from __future__ import annotations
 
 import json
@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+ENCODER_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
 _ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),                                   # erf form, as BERT was trained
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -32,6 +33,7 @@ class BertConfig:
     layer_norm_eps: float
     hidden_act: str
     pad_token_id: int
+    position_offset: int = 0     # RoBERTa-likes number real positions from pad_token_id + 1
 
     @property
     def head_dim(self) -> int:
@@ -40,8 +42,9 @@ class BertConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str) -> "BertConfig":
         model_type = raw.get("model_type", "bert")
-        if model_type != "bert":  # RoBERTa-likes offset positions by pad_token_id + 1: not this model
-            raise ValueError(f"{source}: model_type {model_type!r} is not a BERT encoder")
+        if model_type not in ENCODER_MODEL_TYPES:
+            raise ValueError(f"{source}: model_type {model_type!r} is not a BERT encoder "
+                             f"(supported: {', '.join(ENCODER_MODEL_TYPES)})")
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "max_position_embeddings")
         missing = [k for k in required if not isinstance(raw.get(k), int) or raw[k] <= 0]
@@ -58,13 +61,19 @@ class BertConfig:
         if position_type != "absolute":
             raise ValueError(f"{source}: unsupported position_embedding_type {position_type!r} "
                              "(only 'absolute')")
+        pad_token_id = int(raw.get("pad_token_id") or 0)
         return cls(vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
                    intermediate_size=raw["intermediate_size"], num_hidden_layers=raw["num_hidden_layers"],
                    num_attention_heads=raw["num_attention_heads"],
                    max_position_embeddings=raw["max_position_embeddings"],
                    type_vocab_size=int(raw.get("type_vocab_size", 2)),
                    layer_norm_eps=float(raw.get("layer_norm_eps", 1e-12)), hidden_act=act,
-                   pad_token_id=int(raw.get("pad_token_id") or 0))
+                   pad_token_id=pad_token_id, position_offset=0 if model_type == "bert" else pad_token_id + 1)
+
+    @property
+    def max_seq_length(self) -> int:
+        """Longest input the position table covers (RoBERTa-likes lose pad_token_id + 1 positions)."""
+        return self.max_position_embeddings - self.position_offset
 
     @classmethod
     def from_file(cls, path: str | Path) -> "BertConfig":
@@ -122,7 +131,9 @@ class BertModel(nn.Module):
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids: [B, L] int64, right-padded; attention_mask: [B, L] (nonzero = real token)."""
         length = input_ids.shape[1]
-        positions = torch.arange(length, device=input_ids.device)
+        # NOTE: right-padded rows: real token i sits at position offset + i, which is what RoBERTa's
+        # cumulative count of non-pad tokens gives too.
+        positions = torch.arange(length, device=input_ids.device) + self.config.position_offset
         x = self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]
         if token_type_ids is None:
             x = x + self.token_type_embeddings.weight[0]
@@ -137,14 +148,14 @@ class BertModel(nn.Module):
         return x
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
-        """Copy HF BertModel tensors (optional `bert.` prefix) into ours, fusing query/key/value."""
+        """Copy HF BertModel tensors (optional `bert.` / `roberta.` prefix) into ours, fusing query/key/value."""
         params = dict(self.named_parameters())
         loaded: dict[str, set[int]] = {}
         for name, tensor in weights:
-            target, shard = _our_name(name.removeprefix("bert."))
+            target, shard = _our_name(name.removeprefix("bert.").removeprefix("roberta."))
             param = params.get(target) if target else None
             if param is None:
-                continue  # pooler, position_ids, MLM heads: not part of the encoder we serve
+                continue  # pooler, position_ids, MLM and classifier heads: not part of the encoder
             dst = param.data
             if shard is not None:
                 size = self.config.hidden_size

@@ -16,6 +16,10 @@ from launcher.server.responses import json_response
 from launcher.server.serving_chat import create_chat_completion
 from launcher.server.serving_completions import create_completion
 from launcher.server.serving_embeddings import create_embedding
+from launcher.server.serving_pooling import (create_classify, create_pooling, create_rerank, create_rerank_v2,
+                                             create_score)
+from launcher.server.serving_responses import (cancel_response, create_response, delete_response, list_input_items,
+                                               retrieve_response)
 from launcher.server.protocol import requested_model
 from launcher.server.serving_models import catalog, detokenize, list_models, retrieve_model, tokenize, version_info
 from launcher.server.settings import ModelSettings, ServerSettings, UpstreamSettings
@@ -112,9 +116,50 @@ def _routes(app: Sanic) -> None:
     async def chat(request: Request) -> HTTPResponse | None:
         return await _serve(request, "chat/completions", create_chat_completion)
 
+    @app.post("/v1/responses")
+    async def responses_create(request: Request) -> HTTPResponse | None:
+        return await _serve(request, "responses", create_response)
+
+    @app.get("/v1/responses/<response_id>")
+    async def responses_get(request: Request, response_id: str) -> HTTPResponse:
+        return await retrieve_response(_state(request), response_id)
+
+    @app.delete("/v1/responses/<response_id>")
+    async def responses_delete(request: Request, response_id: str) -> HTTPResponse:
+        return await delete_response(_state(request), response_id)
+
+    @app.post("/v1/responses/<response_id>/cancel")
+    async def responses_cancel(request: Request, response_id: str) -> HTTPResponse:
+        return await cancel_response(_state(request), response_id)
+
+    @app.get("/v1/responses/<response_id>/input_items")
+    async def responses_input_items(request: Request, response_id: str) -> HTTPResponse:
+        return await list_input_items(_state(request), request, response_id)
+
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> HTTPResponse:
         return await _serve(request, "embeddings", create_embedding)
+
+    @app.post("/pooling")
+    async def pooling(request: Request) -> HTTPResponse | None:
+        return await _serve(request, "pooling", create_pooling)
+
+    @app.post("/classify")
+    async def classify(request: Request) -> HTTPResponse | None:
+        return await _serve(request, "classify", create_classify)
+
+    async def score(request: Request) -> HTTPResponse | None:
+        return await _serve(request, "score", create_score)
+
+    async def rerank(request: Request) -> HTTPResponse | None:
+        return await _serve(request, "rerank", create_rerank)
+
+    for uri, handler in (("/score", score), ("/v1/score", score), ("/rerank", rerank), ("/v1/rerank", rerank)):
+        app.add_route(handler, uri, methods=["POST"], name=uri.strip("/").replace("/", "_"))
+
+    @app.post("/v2/rerank")
+    async def rerank_v2(request: Request) -> HTTPResponse | None:
+        return await _serve(request, "v2/rerank", create_rerank_v2)
 
     @app.post("/tokenize")
     async def tokenize_route(request: Request) -> HTTPResponse:
@@ -147,7 +192,9 @@ def _routes(app: Sanic) -> None:
 
     # CORS preflights: the request middleware answers OPTIONS before any handler runs.
     for uri in ("/v1/models", "/v1/models/<model_id:path>", "/api/models", "/v1/completions", "/v1/chat/completions",
-                "/v1/embeddings", "/tokenize", "/detokenize"):
+                "/v1/embeddings", "/v1/responses", "/v1/responses/<response_id>", "/v1/responses/<response_id>/cancel",
+                "/v1/responses/<response_id>/input_items", "/tokenize", "/detokenize",
+                "/pooling", "/classify", "/score", "/v1/score", "/rerank", "/v1/rerank", "/v2/rerank"):
         app.add_route(_preflight, uri, methods=["OPTIONS"], name=f"options_{uri.strip('/').replace('/', '_')}")
 
 

@@ -1,4 +1,5 @@
-"""Request/response middleware: request ids, Bearer auth on /v1/*, CORS, per-route counters, request logs."""
+"""Request/response middleware: request ids, Bearer auth (/v1/*, /v2/*, the pooling endpoints), CORS, per-route
+counters, request logs."""
 from __future__ import annotations
 
 import hmac
@@ -33,6 +34,11 @@ def _check_key(header: str | None, keys: tuple[str, ...]) -> bool:
     return ok
 
 
+# Paths that need a key when the server has keys: the OpenAI API, and the model endpoints beside it (vLLM leaves
+# /score, /rerank, /pooling, /classify open; they run the model, so here they are keyed too).
+_KEYED_PATHS = ("/v1/", "/v2/", "/pooling", "/classify", "/score", "/rerank")
+
+
 async def _on_request(request: Request) -> HTTPResponse | None:
     settings = request.app.ctx.state.settings
     incoming = request.headers.get("x-request-id")
@@ -40,7 +46,7 @@ async def _on_request(request: Request) -> HTTPResponse | None:
     request.ctx.started = time.monotonic()
     if request.method == "OPTIONS":
         return HTTPResponse(status=204)   # a CORS preflight; headers are added on the way out
-    if settings.api_keys and request.path.startswith("/v1/") and \
+    if settings.api_keys and request.path.startswith(_KEYED_PATHS) and \
             not _check_key(request.headers.get("authorization"), settings.api_keys):
         raise APIError(401, "Incorrect API key provided. Pass a valid key as 'Authorization: Bearer <key>'.",
                        "invalid_request_error", None, "invalid_api_key")
@@ -60,7 +66,7 @@ async def _on_response(request: Request, response: HTTPResponse) -> None:
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Vary"] = "Origin"
         if request.method == "OPTIONS" and "Access-Control-Allow-Origin" in response.headers:
-            response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+            response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
             response.headers["Access-Control-Allow-Headers"] = _CORS_HEADERS
             response.headers["Access-Control-Max-Age"] = "600"
         response.headers["Access-Control-Expose-Headers"] = "X-Request-Id"

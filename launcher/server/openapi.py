@@ -1,6 +1,8 @@
 """An OpenAPI description of the server and an offline /docs page that renders it (no CDN, no scripts fetched)."""
 from __future__ import annotations
 
+import re
+
 _ERROR = {"type": "object", "properties": {"error": {"type": "object", "properties": {
     "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": "string", "nullable": True},
     "code": {"type": "string", "nullable": True}}}}}
@@ -17,7 +19,27 @@ ENDPOINTS = [
      {"model": "MODEL", "prompt": "Once upon a time", "max_tokens": 16, "stream": False}),
     ("post", "/v1/chat/completions", "Chat completion through the model's chat template; streaming as SSE.", True,
      {"model": "MODEL", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32}),
+    ("post", "/v1/responses", "OpenAI's Responses API over the chat path: input items, function tools, text.format, "
+     "typed SSE events, store, previous_response_id, background.", True,
+     {"model": "MODEL", "input": "Hello!", "max_output_tokens": 32}),
+    ("get", "/v1/responses/{response_id}", "A stored response. Unknown: 404.", True, None),
+    ("delete", "/v1/responses/{response_id}", "Delete a stored response (a running one is cancelled first).", True,
+     None),
+    ("post", "/v1/responses/{response_id}/cancel", "Cancel a background response (its engine request is aborted).",
+     True, None),
+    ("get", "/v1/responses/{response_id}/input_items", "A stored response's input items (order, limit, after).", True,
+     None),
     ("post", "/v1/embeddings", "Embeddings (embedding models only).", True, {"model": "MODEL", "input": "text"}),
+    ("post", "/pooling", "A pooling model's output per input (vLLM's shape): task embed, classify, token_embed.", True,
+     {"model": "MODEL", "input": ["text"], "task": "embed"}),
+    ("post", "/classify", "A classifier's label and probabilities per input (vLLM's shape).", True,
+     {"model": "MODEL", "input": ["text"]}),
+    ("post", "/score", "Pair scores: cross-encoder, or cosine of embeddings (vLLM's shape; also /v1/score).", True,
+     {"model": "MODEL", "text_1": "query", "text_2": ["document one", "document two"]}),
+    ("post", "/rerank", "Documents by relevance to a query (Jina's shape; also /v1/rerank).", True,
+     {"model": "MODEL", "query": "query", "documents": ["document one", "document two"], "top_n": 1}),
+    ("post", "/v2/rerank", "Documents by relevance to a query (Cohere's v2 shape).", True,
+     {"model": "MODEL", "query": "query", "documents": ["document one", "document two"], "return_documents": True}),
     ("post", "/tokenize", "Text or messages -> token ids (vLLM's shape).", False, {"prompt": "Hello"}),
     ("post", "/detokenize", "Token ids -> text (vLLM's shape).", False, {"tokens": [19556]}),
     ("get", "/version", "Server version.", False, None),
@@ -33,8 +55,10 @@ def openapi_spec(title: str = "llm OpenAI-compatible server", version: str = "0"
             "4XX": {"description": "OpenAI-shaped error", "content": {_JSON: {"schema": _ERROR}}}}}
         if auth:
             op["security"] = [{"bearer": []}]
-        if "{model}" in path:
-            op["parameters"] = [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}]
+        names = re.findall(r"\{(\w+)\}", path)
+        if names:
+            op["parameters"] = [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
+                                for n in names]
         if example is not None:
             op["requestBody"] = {"required": True, "content": {_JSON: {"schema": {"type": "object"},
                                                                        "example": example}}}

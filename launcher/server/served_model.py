@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.async_client import AsyncEngineClient
+from engine.embedding_core import pooling_facts
 from engine.loader import ModelFiles, load_config, load_tokenizer
 from engine.messages import EngineInfo
 from engine.config import EngineConfig
@@ -45,7 +46,7 @@ class ServedModel:
         self.last_used = 0.0                     # time.monotonic() of the last request's start or end
         self._loading: asyncio.Task | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
-        self._config: tuple[int | None, bool] | None = None   # (context window, is an encoder) before loading
+        self._config: tuple[int | None, bool, tuple[str, ...]] | None = None   # (context window, pools, labels)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -86,22 +87,26 @@ class ServedModel:
 
     @property
     def capabilities(self) -> tuple[str, ...]:
-        """What it serves: embedding (an encoder), or completion and (with a chat template) chat."""
-        is_encoder = self.client.info.is_embedding_model if self.client.info is not None else self._config_facts()[1]
-        if is_encoder:
-            return ("embedding",)
+        """What it serves: a pooling model's endpoints (pooling_capabilities), or completion and (with a chat
+        template) chat."""
+        info = self.client.info
+        is_pooling, labels = (info.is_embedding_model, info.labels) if info is not None else self._config_facts()[1:]
+        if is_pooling:
+            return pooling_capabilities(labels)
         return ("chat", "completion") if self.tokenizer is None or self.chat_template else ("completion",)
 
-    def _config_facts(self) -> tuple[int | None, bool]:
-        """An unloaded model's context window and kind, read once from its config (not its weights)."""
+    def _config_facts(self) -> tuple[int | None, bool, tuple[str, ...]]:
+        """An unloaded model's context window, kind and classifier labels, read once from its config (not its
+        weights)."""
         if self._config is None:
             configured = self.settings.engine.max_model_len
+            is_pooling, labels = pooling_facts(self.settings.engine.model)
             try:
                 config = load_config(ModelFiles.at(self.settings.engine.model))
-            except Exception:   # a model that cannot load says so when it is asked to
-                return (configured if isinstance(configured, int) else None), False
+            except Exception:   # a model that cannot load (or an encoder ModelConfig lacks) says so when asked
+                return (configured if isinstance(configured, int) else None), is_pooling, labels
             window = configured if isinstance(configured, int) else config.max_position_embeddings
-            self._config = (window, config.is_embedding_model)
+            self._config = (window, is_pooling or config.is_embedding_model, labels)
         return self._config
 
     @property
@@ -202,8 +207,17 @@ class ServedModel:
 
     def check_generates(self) -> None:
         if self.info.is_embedding_model:
-            raise APIError(400, f"the model `{self.names[0]}` is an embedding model: use /v1/embeddings",
-                           param="model", code="model_not_supported")
+            kind = "a classifier" if self.info.labels else "an embedding model"
+            raise APIError(400, f"the model `{self.names[0]}` is {kind}: it does not generate text (it serves "
+                           f"{', '.join(self.capabilities)})", param="model", code="model_not_supported")
+
+    def check_serves(self, capability: str, endpoint: str, serving: list[str]) -> None:
+        """A 400 naming what this model serves and the models here that serve `endpoint` (`serving`)."""
+        if capability in self.capabilities:
+            return
+        others = f"models here that do: {', '.join(serving)}" if serving else "no model on this server does"
+        raise APIError(400, f"the model `{self.names[0]}` does not serve {endpoint} (it serves "
+                       f"{', '.join(self.capabilities)}); {others}", param="model", code="model_not_supported")
 
     def resolve_max_tokens(self, num_prompt_tokens: int, requested: int | None, param: str = "prompt") -> int:
         """max_tokens for one prompt (default: the rest of the context); a prompt that cannot fit is a 400
@@ -215,6 +229,13 @@ class ServedModel:
         except InvalidRequest as e:
             raise APIError(400, str(e), param=e.param, code=e.code) from None
         return max_tokens if max_tokens is not None else limit - num_prompt_tokens
+
+
+def pooling_capabilities(labels: tuple[str, ...]) -> tuple[str, ...]:
+    """An embedding model (no labels) scores by cosine similarity; a one-label classifier is a cross-encoder."""
+    if not labels:
+        return ("embedding", "score", "rerank", "pooling")
+    return ("classify", "score", "rerank", "pooling") if len(labels) == 1 else ("classify", "pooling")
 
 
 def load_server_tokenizer(path: str):

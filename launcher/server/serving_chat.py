@@ -50,7 +50,7 @@ def _completion(model: ServedModel, req: ChatRequest, gen: Generation, parsers: 
         message = {"role": "assistant", "content": parsed.content}
         if parsed.tool_calls:
             message["tool_calls"] = parsed.tool_calls
-        logprobs = {"content": _logprobs(model, sample.logprobs)} if req.sampling.logprobs is not None else None
+        logprobs = {"content": chat_logprobs(model, sample.logprobs)} if req.sampling.logprobs is not None else None
         choices.append({"index": sample.index, "message": message, "logprobs": logprobs,
                         "finish_reason": _finish_reason(req, sample, parser), "stop_reason": sample.stop_reason})
     return {"id": gen.request_id, "object": "chat.completion", "created": gen.created, "model": req.model,
@@ -77,7 +77,7 @@ async def _stream(model: ServedModel, req: ChatRequest, gen: Generation,
         pieces = parser.feed(delta.text)
         if delta.finish_reason is not None:
             pieces += parser.finish()
-        lp = {"content": _logprobs(model, delta.logprobs)} \
+        lp = {"content": chat_logprobs(model, delta.logprobs)} \
             if req.sampling.logprobs is not None and delta.logprobs else None
         if lp is not None and not pieces:
             pieces = [{"content": ""}]   # logprobs of tokens whose text is still held back
@@ -89,7 +89,7 @@ async def _stream(model: ServedModel, req: ChatRequest, gen: Generation,
         yield {**chunk([]), "usage": gen.usage()}
 
 
-def _logprobs(model: ServedModel, entries: list[TokenLogprob]) -> list[dict]:
+def chat_logprobs(model: ServedModel, entries: list[TokenLogprob]) -> list[dict]:
     """OpenAI's chat logprobs: per token its text, logprob, UTF-8 bytes and the top alternatives."""
     tok = model.tokenizer
 

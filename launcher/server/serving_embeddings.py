@@ -14,6 +14,7 @@ from launcher.server.fields import Fields
 from launcher.server.protocol import read_prompts
 from launcher.server.responses import json_response
 from launcher.server.served_model import ServedModel
+from launcher.server.serving_pooling import require
 from launcher.server.state import ServerState
 
 DECODER_POOLING = ("last", "mean")
@@ -23,6 +24,8 @@ async def create_embedding(state: ServerState, model: ServedModel, request: Requ
     f = Fields(body)
     name = f.raw("model")
     info = model.info
+    if info.labels:   # a classifier (decoder LMs pool their hidden states here, so only classifiers are refused)
+        require(state, model, "embedding", "/v1/embeddings")
     inputs = read_prompts(f.raw("input"), info.vocab_size, param="input")
     encoding = f.str("encoding_format", "float", choices=("float", "base64"))
     pooling = f.str("pooling", None, choices=DECODER_POOLING)  # our extension, decoder models only

@@ -45,7 +45,7 @@ def local_entry(model: ServedModel, name: str) -> CatalogEntry:
     pricing = model.settings.pricing
     return CatalogEntry(name, LOCAL_PROVIDER, model.capabilities, model.context_window,
                         (pricing.input, pricing.output),
-                        () if "embedding" in model.capabilities else _LOCAL_FEATURES, model.status)
+                        _LOCAL_FEATURES if "completion" in model.capabilities else (), model.status)
 
 
 def upstream_entry(upstream: Upstream, model: UpstreamModel) -> CatalogEntry:

@@ -24,6 +24,8 @@ class ServerSettings:
     log_requests: bool = False
     status_file: str | None = None              # where a fatal error is written for the supervisor
     max_loaded_models: int | None = None        # on_demand models: at most this many loaded at once
+    max_stored_responses: int = 1000            # /v1/responses with store: the least recently used go past this
+    persist_responses: bool = False             # stored responses also as JSON files in $LLM_HOME/responses
 
 
 @dataclass(frozen=True, slots=True)

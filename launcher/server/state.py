@@ -7,8 +7,10 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 
+from kernels.user_dir import llm_home
 from launcher.server.errors import APIError, not_ready
 from launcher.server.registry import ModelRegistry
+from launcher.server.response_store import ResponseStore
 from launcher.server.served_model import ServedModel
 from launcher.server.settings import ModelSettings, ServerSettings, UpstreamSettings
 from launcher.server.upstream import Upstream
@@ -20,6 +22,8 @@ class ServerState:
         self.settings = settings
         self.registry = ModelRegistry([ServedModel(m) for m in models], [Upstream(u) for u in upstreams],
                                       settings.max_loaded_models)
+        self.responses = ResponseStore(settings.max_stored_responses,
+                                       llm_home() / "responses" if settings.persist_responses else None)
         self.http_requests: Counter[tuple[str, int]] = Counter()   # (route, status) -> count
         self.started_at = time.monotonic()
         self.ready_seconds: float | None = None

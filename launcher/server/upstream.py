@@ -21,7 +21,9 @@ from launcher.server.sse import DONE, HEADERS, event
 
 log = logging.getLogger("llm.server")
 
-ENDPOINTS = ("chat/completions", "completions", "embeddings", "tokenize", "detokenize")
+ENDPOINTS = ("chat/completions", "completions", "embeddings", "tokenize", "detokenize",
+             "pooling", "classify", "score", "rerank", "v2/rerank")
+_BESIDE_V1 = ("tokenize", "detokenize", "pooling", "classify", "score", "rerank", "v2/rerank")
 _RETRY_LISTING_S = 1.0   # while an upstream is down, its listing is asked for again at most this often
 
 
@@ -194,18 +196,20 @@ class Upstream:
     def _url(self, endpoint: str, upstream_id: str) -> str:
         base = self.settings.base_url
         if self.provider.engine == "azure":
-            if endpoint in ("tokenize", "detokenize"):
+            if endpoint in _BESIDE_V1:
                 raise APIError(400, f"upstream {self.name!r} (azure) has no /{endpoint}", param="model",
                                code="not_supported")
             return f"{base}/openai/deployments/{upstream_id}/{endpoint}?api-version={self.settings.api_version}"
-        if endpoint in ("tokenize", "detokenize"):   # vLLM's (and our) /tokenize sits beside /v1, not under it
+        if endpoint in _BESIDE_V1:   # vLLM's (and our) /tokenize, /score, ... sit beside /v1, not under it
             return f"{base.removesuffix('/v1')}/{endpoint}"
         return f"{base}/{endpoint}"
 
     async def proxy(self, request: Request, endpoint: str, body: dict, model: UpstreamModel,
                     server_has_keys: bool) -> HTTPResponse | None:
         """Relay one request: the body as it came with only `model` rewritten; the answer as it comes."""
-        assert endpoint in ENDPOINTS, endpoint
+        if endpoint not in ENDPOINTS:   # /v1/responses keeps its state here: local models only
+            raise APIError(400, f"`{model.id}` is a model of upstream {self.name!r}; /v1/{endpoint} serves this "
+                           "server's local models only", param="model", code="model_not_supported")
         if not self.is_proxied:
             raise APIError(400, f"`{model.id}` is a model of upstream {self.name!r} ({self.provider.engine}), "
                            "which is listed here but not proxied: its API is not OpenAI-compatible",

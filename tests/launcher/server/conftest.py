@@ -161,6 +161,26 @@ max_num_seqs = 256
         srv.stop()
 
 
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+@pytest.fixture(scope="session")
+def embed_server(minilm_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Server:
+    """all-MiniLM-L6-v2 served as MINILM (alias "minilm"): shared by the embeddings and pooling tests."""
+    srv = start_server(f"""
+[model]
+source = "{minilm_dir}"
+served_names = ["{MINILM}", "minilm"]
+
+[engine]
+device = "cpu"
+""", tmp_path_factory.mktemp("embed"), model_path=minilm_dir)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
 def _note(srv: Server, status: int, phase: str) -> None:
     if not srv.ready_phases or srv.ready_phases[-1] != (status, phase):
         srv.ready_phases.append((status, phase))

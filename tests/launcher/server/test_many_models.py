@@ -88,7 +88,8 @@ def test_one_listing_for_local_models_and_the_upstream(a):
     assert set(cards) == {"smol", "minilm", "up-smol"}
     assert [cards[m]["provider"] for m in ("smol", "minilm", "up-smol")] == ["llm", "llm", "b"]
     assert cards["up-smol"]["owned_by"] == "b" and cards["smol"]["owned_by"] == "llm"
-    assert cards["smol"]["capabilities"] == ["chat", "completion"] and cards["minilm"]["capabilities"] == ["embedding"]
+    assert cards["smol"]["capabilities"] == ["chat", "completion"]
+    assert cards["minilm"]["capabilities"] == ["embedding", "score", "rerank", "pooling"]
     assert cards["up-smol"]["capabilities"] == ["chat", "completion"]    # as B's own listing says
     assert cards["smol"]["context_window"] == cards["up-smol"]["context_window"] == 2048
     assert cards["minilm"]["context_window"] == 256

@@ -71,7 +71,8 @@ def test_nothing_is_loaded_at_start(srv):
     assert statuses(srv) == {"smol": "unloaded", "minilm": "unloaded"}
     assert engines(srv) == []
     cards = {m["id"]: m for m in httpx.get(srv.url + "/v1/models", timeout=60).json()["data"]}
-    assert cards["smol"]["context_window"] == 1024 and cards["minilm"]["capabilities"] == ["embedding"]
+    assert cards["smol"]["context_window"] == 1024
+    assert cards["minilm"]["capabilities"] == ["embedding", "score", "rerank", "pooling"]
 
 
 def test_the_first_request_loads_the_model_and_waits_for_it(srv):

@@ -1,4 +1,4 @@
-"""/v1/embeddings with an encoder model (all-MiniLM-L6-v2) served by its own server process."""
+"""/v1/embeddings with an encoder model (all-MiniLM-L6-v2) served by its own server process (embed_server)."""
 import base64
 import math
 
@@ -7,25 +7,7 @@ import numpy as np
 import openai
 import pytest
 
-from tests.launcher.server.conftest import API_KEY, start_server
-
-NAME = "sentence-transformers/all-MiniLM-L6-v2"
-
-
-@pytest.fixture(scope="module")
-def embed_server(minilm_dir, tmp_path_factory):
-    srv = start_server(f"""
-[model]
-source = "{minilm_dir}"
-served_names = ["{NAME}", "minilm"]
-
-[engine]
-device = "cpu"
-""", tmp_path_factory.mktemp("embed"), model_path=minilm_dir)
-    try:
-        yield srv
-    finally:
-        srv.stop()
+from tests.launcher.server.conftest import API_KEY, MINILM as NAME   # served by conftest's embed_server
 
 
 @pytest.fixture(scope="module")
