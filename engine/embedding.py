@@ -128,14 +128,21 @@ def chunks(lengths: Sequence[int], max_batch_tokens: int, padded: bool) -> Itera
         yield group
 
 
+# Padded tokens per encoder forward. On the CPU ~1k keeps a layer's activations in cache: all-MiniLM-L6-v2 over
+# 101 short texts takes 265 ms in groups of <= 1024 tokens against 353 ms as one batch of 1.7k (and 2.1 s
+# against 2.6 s for 101 x 128 tokens) on the 2-core dev machine; a GPU wants the big batch.
+CPU_ENCODER_BATCH_TOKENS = 1024
+GPU_ENCODER_BATCH_TOKENS = 8192
+
+
 class EmbeddingModel:
     """A sentence-transformers encoder: token id lists -> pooled (and maybe normalized) vectors."""
 
-    def __init__(self, model: BertModel, pooling: PoolingConfig, max_batch_tokens: int = 8192):
+    def __init__(self, model: BertModel, pooling: PoolingConfig, max_batch_tokens: int | None = None):
         self.model = model
         self.pooling = pooling
-        self.max_batch_tokens = max_batch_tokens
         self.device = next(model.parameters()).device
+        self.max_batch_tokens = max_batch_tokens or encoder_batch_tokens(self.device)
 
     @classmethod
     def from_path(cls, path: str | Path, device: torch.device | str = "cpu",
@@ -183,6 +190,10 @@ class EmbeddingModel:
         config = self.model.config
         check_inputs(token_id_lists, config.vocab_size, self.pooling.max_seq_length)
         return encoder_token_states(self.model, token_id_lists, None, self.max_batch_tokens, self.device)
+
+
+def encoder_batch_tokens(device: torch.device) -> int:
+    return CPU_ENCODER_BATCH_TOKENS if device.type == "cpu" else GPU_ENCODER_BATCH_TOKENS
 
 
 def padded_batches(token_id_lists: Sequence[Sequence[int]], pad_token_id: int, max_batch_tokens: int,
