@@ -118,11 +118,13 @@ async def stream_request(client: httpx.AsyncClient, target: Target, prompt: str,
 
 
 class ServerTokenizer:
-    """The server's own tokenizer via vLLM-style POST /tokenize and /detokenize (blocking; used before the
-    timed run only)."""
+    """The server's own tokenizer via POST /tokenize and /detokenize (blocking; used before the timed run only),
+    in vLLM's shapes ({"model", "prompt"} -> {"tokens"}; {"model", "tokens"} -> {"prompt"}, ours too) or
+    llama.cpp's server's ({"content"} -> {"tokens"}; {"tokens"} -> {"content"}), whichever the server speaks."""
 
     def __init__(self, url: str, model: str, api_key: str | None = None, timeout: float = 30.0):
         self.root, self.model, self.api_key, self.timeout = base_url(url), model, api_key, timeout
+        self.dialect: str | None = None   # 'vllm' | 'llama.cpp', found by available()
 
     def _post(self, path: str, body: dict) -> dict:
         request = urllib.request.Request(self.root + path, data=json.dumps(body).encode(),
@@ -133,18 +135,27 @@ class ServerTokenizer:
             return json.loads(response.read())
 
     def encode(self, text: str) -> list:
+        if self.dialect == "llama.cpp":
+            return list(self._post("/tokenize", {"content": text, "add_special": False})["tokens"])
         body = {"model": self.model, "prompt": text, "add_special_tokens": False}
         return list(self._post("/tokenize", body)["tokens"])
 
     def decode(self, tokens: Sequence) -> str:
+        if self.dialect == "llama.cpp":
+            return self._post("/detokenize", {"tokens": list(tokens)})["content"]
         return self._post("/detokenize", {"model": self.model, "tokens": list(tokens)})["prompt"]
 
     def available(self) -> bool:
-        """Whether the server answers /tokenize and /detokenize in vLLM's shapes."""
-        try:
-            return self.decode(self.encode("hello world")).strip() == "hello world"
-        except (OSError, urllib.error.URLError, ValueError, KeyError, TypeError):
-            return False
+        """Whether the server round-trips text through /tokenize and /detokenize in one of the two shapes."""
+        for dialect in ("vllm", "llama.cpp"):
+            self.dialect = dialect
+            try:
+                if self.decode(self.encode("hello world")).strip() == "hello world":
+                    return True
+            except (OSError, urllib.error.URLError, ValueError, KeyError, TypeError):
+                pass
+        self.dialect = None
+        return False
 
 
 def fetch_first_model(url: str, api_key: str | None = None) -> str:

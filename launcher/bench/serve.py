@@ -75,7 +75,10 @@ def _pick_tokenizer(config: ServeBenchConfig, model: str) -> tuple[Any, str]:
         return server, "server"
     if config.tokenizer == "server":
         raise BenchError(f"{base_url(config.url)} does not answer /tokenize and /detokenize")
-    _log(config, "note: the server has no /tokenize; prompt lengths are approximated by word counts")
+    # NOTE: said even with progress off: prompt lengths counted in words are not comparable with another
+    # server's counted in tokens (pass --tokenizer words to both, or --tokenizer server to insist)
+    print(f"llm bench: warning: {base_url(config.url)} does not tokenize in vLLM's or llama.cpp's shape; prompt "
+          "and output lengths are approximated by word counts", file=sys.stderr)
     return WordTokenizer(), "words"
 
 
@@ -121,7 +124,8 @@ async def benchmark(config: ServeBenchConfig) -> dict[str, Any]:
                 "output_len": config.output_len, "range_ratio": config.range_ratio,
                 "request_rate": config.request_rate, "burstiness": config.burstiness,
                 "max_concurrency": config.max_concurrency, "ignore_eos": config.ignore_eos,
-                "seed": config.seed, "tokenizer": tokenizer_kind, "percentiles": list(config.percentiles),
+                "seed": config.seed, "tokenizer": tokenizer_kind,
+                "tokenizer_shape": getattr(tokenizer, "dialect", None), "percentiles": list(config.percentiles),
                 "goodput_slos_ms": dict(config.slos_ms) or None}
     result = report.result_dict(settings, metrics, results, duration)
     if config.progress:
