@@ -160,7 +160,7 @@ class CompletionRequest:
 
 def parse_completion_request(body: dict, vocab_size: int) -> CompletionRequest:
     f = Fields(body)
-    model = _model(f)
+    model = model_field(f)
     refuse_unsupported(f, ("suffix",))
     prompts = read_prompts(f.raw("prompt"), vocab_size)
     logprobs = f.int("logprobs", lo=0, hi=MAX_LOGPROBS)
@@ -186,10 +186,10 @@ def parse_completion_request(body: dict, vocab_size: int) -> CompletionRequest:
 
 def requested_model(body: dict) -> str:
     """The body's `model` (a 400 when it is missing or not a string): which model the registry serves it with."""
-    return _model(Fields(body))
+    return model_field(Fields(body))
 
 
-def _model(f: Fields) -> str:
+def model_field(f: Fields) -> str:
     model = f.raw("model")
     if model is None:
         raise bad_request("'model' is required", "model")

@@ -8,7 +8,7 @@ from typing import Any
 
 from launcher.server.errors import bad_request
 from launcher.server.fields import Fields
-from launcher.server.protocol import (MAX_LOGPROBS, SamplingFields, _model, read_sampling, read_stream_options,
+from launcher.server.protocol import (MAX_LOGPROBS, SamplingFields, model_field, read_sampling, read_stream_options,
                                       refuse_unsupported)
 from launcher.server.structured import read_constraint
 from launcher.server.tool_parsers import tool_choice_constraint, validate_tools
@@ -39,7 +39,7 @@ class ChatRequest:
 
 def parse_chat_request(body: dict, vocab_size: int) -> ChatRequest:
     f = Fields(body)
-    model = _model(f)
+    model = model_field(f)
     refuse_unsupported(f, ("functions", "function_call", "audio", "prediction"))
     messages = _messages(f.raw("messages"))
     want_logprobs = bool(f.bool("logprobs", False))
@@ -185,16 +185,21 @@ def _tools(raw: list | None) -> list[dict] | None:
     return tools or None
 
 
+def tool_choice_mode(raw: str, has_tools: bool) -> str:
+    """A string tool_choice (chat's and the Responses API's): 'none', 'auto' or 'required' (with tools)."""
+    if raw not in ("none", "auto", "required"):
+        raise bad_request(f"'tool_choice' must be 'none', 'auto', 'required' or a function, got {raw!r}",
+                          "tool_choice")
+    if raw == "required" and not has_tools:
+        raise bad_request("'tool_choice' is 'required' but no 'tools' were given", "tool_choice")
+    return raw
+
+
 def _tool_choice(raw: Any, tools: list[dict] | None) -> str | dict:
     if raw is None:
         return "auto" if tools else "none"
     if isinstance(raw, str):
-        if raw not in ("none", "auto", "required"):
-            raise bad_request(f"'tool_choice' must be 'none', 'auto', 'required' or a function, got {raw!r}",
-                              "tool_choice")
-        if raw == "required" and not tools:
-            raise bad_request("'tool_choice' is 'required' but no 'tools' were given", "tool_choice")
-        return raw
+        return tool_choice_mode(raw, bool(tools))
     name = raw.get("function", {}).get("name") if isinstance(raw, dict) and isinstance(raw.get("function"), dict) \
         else None
     if not isinstance(name, str):

@@ -8,7 +8,8 @@ from typing import Any
 
 from launcher.server.errors import bad_request
 from launcher.server.fields import Fields
-from launcher.server.protocol import MAX_LOGPROBS, _model
+from launcher.server.protocol import MAX_LOGPROBS, model_field
+from launcher.server.protocol_chat import tool_choice_mode
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 _INCLUDABLE = (LOGPROBS_INCLUDE, "reasoning.encrypted_content")   # the second is accepted: we make no reasoning
@@ -71,7 +72,7 @@ class ResponsesRequest:
 
 def parse_responses_request(body: dict) -> ResponsesRequest:
     f = Fields(body)
-    model = _model(f)
+    model = model_field(f)
     for key, message in _REFUSED.items():
         if f.has(key):
             raise bad_request(message, key)
@@ -224,12 +225,7 @@ def _tool_choice(raw: Any, tools: list[dict]) -> str | dict:
     if raw is None:
         return "auto"
     if isinstance(raw, str):
-        if raw not in ("none", "auto", "required"):
-            raise bad_request(f"'tool_choice' must be 'none', 'auto', 'required' or a function, got {raw!r}",
-                              "tool_choice")
-        if raw == "required" and not tools:
-            raise bad_request("'tool_choice' is 'required' but no 'tools' were given", "tool_choice")
-        return raw
+        return tool_choice_mode(raw, bool(tools))
     if not isinstance(raw, dict) or raw.get("type") != "function" or not isinstance(raw.get("name"), str):
         raise bad_request("'tool_choice' object must be {\"type\": \"function\", \"name\": ...}", "tool_choice")
     if raw["name"] not in {t["name"] for t in tools}:
