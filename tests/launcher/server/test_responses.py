@@ -163,20 +163,20 @@ def test_background_cancel_frees_kv(client, server):
     response = create(client, input="Write a very long story.", background=True, max_output_tokens=1500,
                       temperature=0.7, extra_body={"ignore_eos": True})
     assert response.status in ("queued", "in_progress") and response.background is True
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120   # margins that hold on a loaded machine
     while _gauge(server, "llm:num_requests_running") == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert client.responses.retrieve(response.id).status == "in_progress"
     cancelled = client.responses.cancel(response.id)
     assert cancelled.status == "cancelled"
     assert client.responses.retrieve(response.id).status == "cancelled"
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while (_gauge(server, "llm:num_requests_running"), _gauge(server, "llm:kv_cache_blocks_used")) != (0, 0):
         assert time.monotonic() < deadline, "the cancelled request still holds the engine"
         time.sleep(0.1)
     # a background response that runs to the end
     short = create(client, input=ASK, background=True, max_output_tokens=8)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while (got := client.responses.retrieve(short.id)).status in ("queued", "in_progress"):
         assert time.monotonic() < deadline
         time.sleep(0.1)
