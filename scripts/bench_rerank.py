@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,7 +24,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_servers import ROOT, start_llm, stop  # noqa: E402
+
 sys.path.insert(0, str(ROOT))
 NAME = "sentence-transformers/all-MiniLM-L6-v2"
 QUERY = "How do I keep my houseplants healthy during the winter?"
@@ -44,30 +44,8 @@ def documents() -> list[str]:
     return [f"{s[0].upper()}{s[1:]} {a}." for s in SUBJECTS for a in ACTIONS]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(model_dir: str, folder: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    profile = folder / "rerank.toml"
-    profile.write_text(f'[model]\nsource = "{model_dir}"\nserved_names = ["{NAME}"]\n[engine]\ndevice = "cpu"\n'
-                       f'[server]\nhost = "127.0.0.1"\nport = {port}\n')
-    log = folder / "server.log"
-    proc = subprocess.Popen([sys.executable, "-m", "launcher.supervise", str(profile)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=open(log, "w"))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/health/ready", timeout=2):
-                return proc, url
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"{url} did not become ready: {log.read_text()[-2000:]}")
+    return start_llm(f'[model]\nsource = "{model_dir}"\nserved_names = ["{NAME}"]\n[engine]\ndevice = "cpu"\n', folder)
 
 
 def rerank(url: str, api_key: str | None, docs: list[str]) -> list[tuple[int, float]]:
@@ -123,8 +101,7 @@ def main() -> None:
                     times[key].append(time.perf_counter() - started)
         finally:
             if proc is not None:
-                proc.send_signal(signal.SIGINT)
-                proc.wait(60)
+                stop(proc)
     result = {key: {"median_ms": round(1000 * statistics.median(t), 1),
                     "docs_per_s": round(len(docs) / statistics.median(t), 1)} for key, t in times.items()}
     result["torch_threads"] = torch.get_num_threads()
