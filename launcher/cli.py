@@ -12,7 +12,7 @@ from launcher.bench.commands import bench
 from launcher.catalog_cli import print_catalog, server_catalog, sync
 from launcher.tables import text_table
 
-CAPABILITIES = ("chat", "completion", "embedding", "rerank", "classify")
+CAPABILITIES = ("chat", "completion", "embedding", "rerank", "classify", "transcription")
 PROVIDERS = ("profile", "llm", "hf", "server")   # and any catalogue provider (openai, anthropic, cohere, ...)
 
 

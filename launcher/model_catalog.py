@@ -19,10 +19,10 @@ class LocalModel:
     """One servable model found on disk."""
     name: str                   # hub-style id, e.g. HuggingFaceTB/SmolLM2-135M-Instruct
     path: str                   # the .gguf file or the model directory
-    format: str                 # gguf | safetensors
+    format: str                 # gguf | safetensors | ctranslate2
     size_bytes: int             # on disk (the GGUF file, or the whole directory)
     quantization: str | None    # GGUF file type (Q4_1, F16 ...), quant method, or the dominant dtype
-    capability: str             # chat | completion | embedding | rerank | classify
+    capability: str             # chat | completion | embedding | rerank | classify | transcription
     provider: str               # where it was found: llm (our cache) | hf (the HF hub cache)
 
     def to_json(self) -> dict[str, Any]:
@@ -179,7 +179,22 @@ def describe_dir(folder: Path, name: str, provider: str, size_bytes: int | None 
     return LocalModel(name, str(folder), "safetensors", size_bytes, quant, dir_capability(folder), provider)
 
 
+def describe_ctranslate2(folder: Path, name: str, provider: str) -> LocalModel | None:
+    """A LocalModel for a CTranslate2 Whisper folder (faster-whisper's layout), None for anything else."""
+    from engine.ctranslate2_format import ctranslate2_dtype, is_ctranslate2_whisper
+    if not is_ctranslate2_whisper(folder):
+        return None
+    size_bytes = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    return LocalModel(name, str(folder), "ctranslate2", size_bytes, ctranslate2_dtype(folder), "transcription",
+                      provider)
+
+
 def _describe_folder(folder: Path, name: str, provider: str) -> list[LocalModel]:
+    try:
+        if (whisper := describe_ctranslate2(folder, name, provider)) is not None:
+            return [whisper]
+    except (OSError, ValueError):
+        return []   # NOTE: a partial download is skipped, not an error for the whole listing
     found = []
     for gguf_file in sorted(folder.glob("*.gguf")):
         try:

