@@ -10,7 +10,7 @@ from engine.config import EngineConfig
 from engine.core_process import EngineProcess
 from engine.messages import (AbortRequests, AddRequest, EmbedOutput, EmbedRequest, EngineFatal, EngineInfo,
                              EngineStats, FromCore, PhaseUpdate, StatsRequest, StepOutputs, StopSample, ToCore,
-                             TokenOutput)
+                             TokenOutput, TranscribeRequest, TranscriptionOutput)
 from engine.protocol import EngineClient, EngineDeadError, EngineStartupError
 from engine.sampling_params import SamplingParams
 
@@ -27,7 +27,7 @@ class AsyncEngineClient(EngineClient):
         self._error: str | None = None
         self.latest_stats = EngineStats()            # from the last message that carried stats
         self._process = EngineProcess(config)
-        self._queues: dict[str, asyncio.Queue[TokenOutput | EngineDeadError]] = {}
+        self._queues: dict[str, asyncio.Queue[TokenOutput | TranscriptionOutput | EngineDeadError]] = {}
         self._embeds: dict[str, asyncio.Future[EmbedOutput]] = {}
         self._stats_waiters: list[asyncio.Future[EngineStats]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -153,6 +153,25 @@ class AsyncEngineClient(EngineClient):
             del self._queues[request_id]
             if remaining and self._error is None:
                 self.abort(request_id)
+
+    async def transcribe(self, request: TranscribeRequest) -> AsyncIterator[TranscriptionOutput]:
+        if request.request_id in self._queues:
+            raise ValueError(f"request id {request.request_id!r} is already in flight")
+        queue: asyncio.Queue[TranscriptionOutput | EngineDeadError] = asyncio.Queue()
+        self._queues[request.request_id] = queue
+        finished = False
+        try:
+            self._send(request)
+            while not finished:
+                out = await queue.get()
+                if isinstance(out, EngineDeadError):
+                    raise out
+                finished = out.finished
+                yield out
+        finally:
+            del self._queues[request.request_id]
+            if not finished and self._error is None:
+                self.abort(request.request_id)
 
     async def embed(self, request_id: str, inputs: list[list[int]], pooling: str | None = None,
                     normalize: bool = True, *, task: str = "embed",

@@ -11,7 +11,8 @@ import torch
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.loader import ModelFiles, load_config, load_model
-from engine.messages import AddRequest, EmbedOutput, EmbedRequest, EngineInfo, EngineStats, TokenLogprob, TokenOutput
+from engine.messages import (AddRequest, EmbedOutput, EmbedRequest, EngineInfo, EngineStats, TokenLogprob, TokenOutput,
+                             TranscribeRequest, TranscriptionOutput)
 from engine.model_runner import ModelOutput, ModelRunner
 from engine.sampler import Sampler, SamplingRow, compute_prompt_logprobs, make_generator
 from engine.scheduler import Batch, Scheduler, SchedulerConfig
@@ -270,6 +271,11 @@ class EngineCore:
             self._samples.pop(sample.seq.seq_id, None)
         self._request_done(state)
         return outputs
+
+    def transcribe(self, request: TranscribeRequest) -> list[TranscriptionOutput]:
+        # the server sends audio only to speech models (its capability checks): this is a client bug
+        return [TranscriptionOutput(request.request_id, finished=True, finish_reason="error",
+                                    error="this model does not transcribe audio")]
 
     def embed(self, request: EmbedRequest) -> EmbedOutput:
         """Pool this decoder's hidden states for /v1/embeddings (between steps, on a scratch cache)."""

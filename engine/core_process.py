@@ -19,7 +19,7 @@ from typing import Protocol
 from engine.config import EngineConfig
 from engine.messages import (AbortRequests, AddRequest, EmbedOutput, EmbedRequest, EngineFatal, EngineInfo,
                              EngineStats, PhaseUpdate, Shutdown, StatsRequest, StepOutputs, StopSample, ToCore,
-                             TokenOutput)
+                             TokenOutput, TranscribeRequest, TranscriptionOutput)
 
 log = logging.getLogger("llm.engine")
 
@@ -27,16 +27,18 @@ ENGINE_FLAG = "--llm-engine-core"   # the packaged executable (launcher/frozen.p
 
 
 class Core(Protocol):
-    """What the loop drives: EngineCore (decoders) and PoolingCore (encoders and classifiers)."""
+    """What the loop drives: EngineCore (decoders), PoolingCore (encoders and classifiers) and SpeechCore
+    (Whisper)."""
     info: EngineInfo
 
     def add_request(self, request: AddRequest) -> list[TokenOutput]: ...
     def abort(self, request_ids: list[str]) -> list[TokenOutput]: ...
     def stop_sample(self, request_id: str, index: int) -> list[TokenOutput]: ...
     def embed(self, request: EmbedRequest) -> EmbedOutput: ...
+    def transcribe(self, request: TranscribeRequest) -> list[TranscriptionOutput]: ...
     def has_work(self) -> bool: ...
-    def step(self) -> list[TokenOutput]: ...
-    def fail_all(self, message: str) -> list[TokenOutput]: ...
+    def step(self) -> list[TokenOutput | TranscriptionOutput]: ...
+    def fail_all(self, message: str) -> list[TokenOutput | TranscriptionOutput]: ...
     def stats(self) -> EngineStats: ...
 
 
@@ -59,6 +61,10 @@ def _build_core(config: EngineConfig, on_phase) -> Core:
     from engine.embedding_core import PoolingCore, is_pooling_model
     if is_pooling_model(config.model):
         return PoolingCore(config, on_phase=on_phase)
+    from engine.whisper_loader import is_whisper_model
+    if is_whisper_model(config.model):
+        from engine.speech_core import SpeechCore
+        return SpeechCore(config, on_phase=on_phase)
     from engine.core import EngineCore
     return EngineCore(config, on_phase=on_phase)
 
@@ -67,14 +73,14 @@ def _serve(core: Core, requests: Connection, outputs: Connection) -> None:
     while True:
         if not core.has_work():
             requests.poll(None)  # idle: sleep until a message arrives
-        immediate: list[TokenOutput] = []
+        immediate: list[TokenOutput | TranscriptionOutput] = []
         while requests.poll(0):
             msg: ToCore = requests.recv()
             if isinstance(msg, Shutdown):
                 outputs.send(StepOutputs(immediate + core.abort(list(core.requests)), core.stats()))
                 return
             immediate.extend(_handle(core, msg, outputs))
-        step_outputs: list[TokenOutput] = []
+        step_outputs: list[TokenOutput | TranscriptionOutput] = []
         if core.has_work():
             try:
                 step_outputs = core.step()
@@ -85,7 +91,7 @@ def _serve(core: Core, requests: Connection, outputs: Connection) -> None:
             outputs.send(StepOutputs(immediate + step_outputs, core.stats()))
 
 
-def _handle(core: Core, msg: ToCore, outputs: Connection) -> list[TokenOutput]:
+def _handle(core: Core, msg: ToCore, outputs: Connection) -> list[TokenOutput | TranscriptionOutput]:
     """One message between steps; the outputs it produces at once. A message that trips an assertion
     (a client's bug) fails only its own request."""
     try:
@@ -98,6 +104,8 @@ def _handle(core: Core, msg: ToCore, outputs: Connection) -> list[TokenOutput]:
                 return core.stop_sample(msg.request_id, msg.index)
             case EmbedRequest():
                 outputs.send(core.embed(msg))
+            case TranscribeRequest():
+                return core.transcribe(msg)
             case StatsRequest():
                 outputs.send(core.stats())
             case _:
@@ -111,6 +119,9 @@ def _handle(core: Core, msg: ToCore, outputs: Connection) -> list[TokenOutput]:
                     for i in range(msg.params.n)]
         if isinstance(msg, EmbedRequest):
             outputs.send(EmbedOutput(msg.request_id, error=error, error_code="engine_error"))
+        if isinstance(msg, TranscribeRequest):
+            core.abort([msg.request_id])
+            return [TranscriptionOutput(msg.request_id, finished=True, finish_reason="error", error=error)]
     return []
 
 

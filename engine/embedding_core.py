@@ -11,7 +11,8 @@ import torch
 
 from engine.config import EngineConfig
 from engine.embedding import EmbeddingModel
-from engine.messages import AddRequest, EmbedOutput, EmbedRequest, EngineInfo, EngineStats, TokenOutput
+from engine.messages import (AddRequest, EmbedOutput, EmbedRequest, EngineInfo, EngineStats, TokenOutput,
+                             TranscribeRequest, TranscriptionOutput)
 from engine.models.bert import ENCODER_MODEL_TYPES
 from engine.models.sequence_classification import SequenceClassifier, classifier_architecture, config_labels
 from engine.startup import pick_device, pick_dtype
@@ -65,6 +66,11 @@ class PoolingCore:
 
     def add_request(self, request: AddRequest) -> list[TokenOutput]:
         raise AssertionError(f"{request.request_id}: a pooling model does not generate text")
+
+    def transcribe(self, request: TranscribeRequest) -> list[TranscriptionOutput]:
+        # the server sends audio only to speech models (its capability checks): this is a client bug
+        return [TranscriptionOutput(request.request_id, finished=True, finish_reason="error",
+                                    error="this model does not transcribe audio")]
 
     def embed(self, request: EmbedRequest) -> EmbedOutput:
         """Inputs the client has checked (engine.validation.check_inputs); the task fits the model (the

@@ -1,7 +1,8 @@
 """The messages between the API process and the engine core process: one frozen dataclass each.
 
-To the core:   AddRequest | AbortRequests | StopSample | EmbedRequest | StatsRequest | Shutdown
+To the core:   AddRequest | AbortRequests | StopSample | EmbedRequest | TranscribeRequest | StatsRequest | Shutdown
 From the core: PhaseUpdate | EngineInfo (ready) | EngineFatal | StepOutputs | EngineStats | EmbedOutput
+(a speech model's TranscriptionOutputs travel in StepOutputs beside TokenOutputs)
 Both loops dispatch on the type; nothing else crosses the pipe.
 """
 from __future__ import annotations
@@ -50,6 +51,21 @@ class EmbedRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class TranscribeRequest:
+    """Transcribe one clip with a speech model (Whisper), or translate its speech to English text.
+    AbortRequests([request_id]) stops it."""
+    request_id: str
+    audio: object                        # numpy float32 [num_samples]: mono, 16 kHz, in [-1, 1]
+    task: str = "transcribe"             # 'transcribe' | 'translate' (to English)
+    language: str | None = None          # ISO 639-1 code ('en', 'de', ...); None: detected from the first window
+    prompt_token_ids: list[int] = field(default_factory=list)   # the user's prompt, as text tokens (no specials)
+    temperature: float = 0.0             # 0: greedy
+    timestamps: bool = False             # decode timestamp tokens, so segments get their own start/end
+    seed: int | None = None
+    arrival_time: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class StatsRequest:
     """Answered with an EngineStats between two steps."""
 
@@ -90,6 +106,9 @@ class EngineInfo:
     load_seconds: float
     default_sampling: dict = field(default_factory=dict)   # from generation_config.json
     labels: tuple[str, ...] = ()          # a sequence classifier's labels in id order (empty: not one)
+    is_speech_model: bool = False         # a speech-to-text model (Whisper): serves TranscribeRequests only
+    languages: tuple[str, ...] = ()       # a speech model's input languages (ISO 639-1), ('en',) for English-only
+    can_translate: bool = False           # a speech model that translates speech to English (multilingual ones)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +143,36 @@ class TokenOutput:
 
 
 @dataclass(frozen=True, slots=True)
+class TranscriptionSegment:
+    """A stretch of the clip and its text tokens (Whisper's segment, as verbose_json reports it)."""
+    id: int                                      # 0, 1, ... over the whole request
+    start: float                                 # seconds from the clip's start
+    end: float
+    token_ids: list[int]                         # text tokens only (no special or timestamp tokens)
+    avg_logprob: float                           # mean logprob of the segment's window's sampled tokens
+    no_speech_prob: float                        # P(<|nospeech|>) at the window's start-of-transcript
+    temperature: float
+
+
+@dataclass(frozen=True, slots=True)
+class TranscriptionOutput:
+    """Progress of one TranscribeRequest: text tokens the client may show now, and segments now final.
+
+    Every new_token_ids of a request, concatenated, equals its segments' token_ids concatenated: tokens
+    are sent only once they are final (a segment closed, or a window without timestamps finished).
+    """
+    request_id: str
+    new_token_ids: list[int] = field(default_factory=list)
+    segments: list[TranscriptionSegment] = field(default_factory=list)   # segments closed since the last one
+    language: str | None = None                  # the language given or detected (set from the first output)
+    duration: float = 0.0                        # seconds of audio in the request
+    finished: bool = False
+    finish_reason: str | None = None             # 'stop' | 'abort' | 'error' once finished
+    num_tokens: int = 0                          # decoder tokens produced so far, over every window
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class EngineStats:
     """A snapshot for /metrics: the scheduler's figures and what the core counts itself."""
     scheduler: SchedulerStats = field(default_factory=SchedulerStats)
@@ -133,7 +182,7 @@ class EngineStats:
 @dataclass(frozen=True, slots=True)
 class StepOutputs:
     """What one pass of the core's loop produced (immediate outputs of messages, then the step's)."""
-    outputs: list[TokenOutput]
+    outputs: list[TokenOutput | TranscriptionOutput]
     stats: EngineStats
 
 
@@ -149,5 +198,5 @@ class EmbedOutput:
     error_code: str | None = None        # 'context_length_exceeded' for an over-long input
 
 
-ToCore = AddRequest | AbortRequests | StopSample | EmbedRequest | StatsRequest | Shutdown
+ToCore = AddRequest | AbortRequests | StopSample | EmbedRequest | TranscribeRequest | StatsRequest | Shutdown
 FromCore = PhaseUpdate | EngineFatal | EngineInfo | StepOutputs | EngineStats | EmbedOutput

@@ -9,7 +9,7 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator, Callable
 
-from engine.messages import EmbedOutput, EngineInfo, EngineStats, TokenOutput
+from engine.messages import EmbedOutput, EngineInfo, EngineStats, TokenOutput, TranscribeRequest, TranscriptionOutput
 from engine.sampling_params import SamplingParams
 
 
@@ -70,6 +70,11 @@ class EngineClient(abc.ABC):
                     token_type_ids: list[list[int]] | None = None) -> EmbedOutput:
         """Run a pooling task over token id lists (engine.messages.EmbedRequest); the output carries the
         task's numpy result or an error message."""
+
+    def transcribe(self, request: TranscribeRequest) -> AsyncIterator[TranscriptionOutput]:
+        """Stream a speech model's progress on one clip until an output says finished. Leaving the iteration
+        early aborts it; a dead engine raises EngineDeadError. Backends without speech models keep this."""
+        raise NotImplementedError(f"{type(self).__name__} serves no speech model")
 
     @abc.abstractmethod
     async def stats(self) -> EngineStats:
