@@ -22,7 +22,8 @@ def build_launch(profile: Profile, resolve: Resolver, environ: Mapping[str, str]
         cors_origins=tuple(s.cors_origins), max_request_body_bytes=s.max_request_body_bytes,
         max_queued_requests=s.max_queued_requests, request_timeout_s=s.request_timeout_s,
         log_requests=s.log_requests, max_loaded_models=s.max_loaded_models,
-        max_stored_responses=s.max_stored_responses, persist_responses=s.persist_responses)
+        max_stored_responses=s.max_stored_responses, persist_responses=s.persist_responses,
+        max_audio_s=s.max_audio_s)
     models = tuple(_model_settings(profile, entry, resolve) for entry in profile.local_models)
     upstreams = [upstream_settings(u, environ) for u in profile.upstreams]
     gateway = gateway_upstream(environ)

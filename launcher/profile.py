@@ -118,6 +118,9 @@ class ServerSection:
                                     "the least recently used go past this", "int", lo=1)
     persist_responses: bool = key(False, "also keep stored responses as JSON files in $LLM_HOME/responses, so they "
                                   "outlive a restart", "bool")
+    max_audio_s: float = key(600.0, "longest audio clip a speech model is given (a /v1/audio/* upload, one "
+                             "/v1/realtime commit); longer is a 400. 600 s keeps one clip at 38 MB of 16 kHz "
+                             "float32 samples and 20 Whisper windows", "float", lo=0.0, lo_open=True)
 
     def resolve_api_keys(self, environ: dict[str, str] | None = None) -> tuple[str, ...]:
         """The keys to accept: api_keys, or those in $api_key_env (an unset variable is an error)."""

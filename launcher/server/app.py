@@ -21,6 +21,8 @@ from launcher.server.serving_pooling import (create_classify, create_pooling, cr
 from launcher.server.serving_responses import (cancel_response, create_response, delete_response, list_input_items,
                                                retrieve_response)
 from launcher.server.protocol import requested_model
+from launcher.server.realtime import serve_realtime
+from launcher.server.serving_audio import create_transcription
 from launcher.server.serving_models import catalog, detokenize, list_models, retrieve_model, tokenize, version_info
 from launcher.server.settings import ModelSettings, ServerSettings, UpstreamSettings
 from launcher.server.state import ServerState
@@ -31,6 +33,7 @@ def build_app(settings: ServerSettings, models: tuple[ModelSettings, ...],
               upstreams: tuple[UpstreamSettings, ...] = (), name: str = "llm") -> Sanic:
     app = Sanic(name, error_handler=OpenAIErrorHandler(), configure_logging=False)
     app.config.REQUEST_MAX_SIZE = settings.max_request_body_bytes
+    app.config.WEBSOCKET_MAX_SIZE = settings.max_request_body_bytes   # one realtime event is one request's worth
     app.config.RESPONSE_TIMEOUT = settings.request_timeout_s + 30   # our own limits end requests first
     app.config.REQUEST_TIMEOUT = 60
     app.config.GRACEFUL_SHUTDOWN_TIMEOUT = 5.0
@@ -161,6 +164,18 @@ def _routes(app: Sanic) -> None:
     async def rerank_v2(request: Request) -> HTTPResponse | None:
         return await _serve(request, "v2/rerank", create_rerank_v2)
 
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(request: Request) -> HTTPResponse | None:
+        return await create_transcription(_ready_state(request), request, "transcribe")
+
+    @app.post("/v1/audio/translations")
+    async def translations(request: Request) -> HTTPResponse | None:
+        return await create_transcription(_ready_state(request), request, "translate")
+
+    @app.websocket("/v1/realtime")
+    async def realtime(request: Request, ws) -> None:
+        await serve_realtime(_state(request), request, ws)
+
     @app.post("/tokenize")
     async def tokenize_route(request: Request) -> HTTPResponse:
         return await _serve(request, "tokenize", tokenize, model_optional=True)
@@ -194,7 +209,8 @@ def _routes(app: Sanic) -> None:
     for uri in ("/v1/models", "/v1/models/<model_id:path>", "/api/models", "/v1/completions", "/v1/chat/completions",
                 "/v1/embeddings", "/v1/responses", "/v1/responses/<response_id>", "/v1/responses/<response_id>/cancel",
                 "/v1/responses/<response_id>/input_items", "/tokenize", "/detokenize",
-                "/pooling", "/classify", "/score", "/v1/score", "/rerank", "/v1/rerank", "/v2/rerank"):
+                "/pooling", "/classify", "/score", "/v1/score", "/rerank", "/v1/rerank", "/v2/rerank",
+                "/v1/audio/transcriptions", "/v1/audio/translations"):
         app.add_route(_preflight, uri, methods=["OPTIONS"], name=f"options_{uri.strip('/').replace('/', '_')}")
 
 

@@ -65,7 +65,7 @@ class Generation:
         a choice before the engine does: leaving then aborts what the engine still runs)."""
         client = self.model.client
         streams = [client.generate(rid, p.token_ids, p.params) for rid, p in zip(self._engine_ids, self.prompts)]
-        async with contextlib.aclosing(_merge(streams, self._timeout_s)) as outputs:
+        async with contextlib.aclosing(merge_outputs(streams, self._timeout_s)) as outputs:
             async for out in outputs:
                 delta = self._processor.process(out)
                 if delta is None:
@@ -104,9 +104,10 @@ class Generation:
                      sum(self._processor.num_cached_tokens(rid) for rid in self._engine_ids))
 
 
-async def _merge(streams: list[AsyncIterator[TokenOutput]], timeout_s: float | None) -> AsyncIterator[TokenOutput]:
-    """Outputs of several engine requests as they come; leaving early aborts them all. Past `timeout_s`
-    the requests are aborted (their KV blocks freed) and a 408 is raised."""
+async def merge_outputs(streams: list[AsyncIterator], timeout_s: float | None) -> AsyncIterator:
+    """Outputs of several engine requests (token or transcription outputs) as they come; leaving early aborts
+    them all. Past `timeout_s` the requests are aborted (their KV blocks freed) and a 408 is raised; a dead
+    engine is a 503."""
     merged = streams[0] if len(streams) == 1 else _interleave(streams)
     try:
         async with contextlib.aclosing(_deadline(merged, timeout_s)) as items:

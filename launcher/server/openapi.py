@@ -7,8 +7,9 @@ _ERROR = {"type": "object", "properties": {"error": {"type": "object", "properti
     "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": "string", "nullable": True},
     "code": {"type": "string", "nullable": True}}}}}
 _JSON = "application/json"
+_FORM = "multipart/form-data"
 
-# (method, path, summary, auth, request example or None)
+# (method, path, summary, auth, request example or None[, its content type: JSON unless named])
 ENDPOINTS = [
     ("get", "/health", "Liveness: 200 while the process is up (no key needed).", False, None),
     ("get", "/health/ready", "Readiness: 503 with the startup phase until the model can serve, then 200.", False,
@@ -40,6 +41,13 @@ ENDPOINTS = [
      {"model": "MODEL", "query": "query", "documents": ["document one", "document two"], "top_n": 1}),
     ("post", "/v2/rerank", "Documents by relevance to a query (Cohere's v2 shape).", True,
      {"model": "MODEL", "query": "query", "documents": ["document one", "document two"], "return_documents": True}),
+    ("post", "/v1/audio/transcriptions", "Speech to text with a speech model (Whisper): a multipart upload; "
+     "response_format json, text, srt, vtt or verbose_json; stream (vLLM's transcription.chunk events).", True,
+     {"file": "(audio: wav, flac, mp3, ogg, webm, m4a)", "model": "MODEL", "response_format": "json"}, _FORM),
+    ("post", "/v1/audio/translations", "Speech in any language to English text (multilingual Whisper models).",
+     True, {"file": "(audio)", "model": "MODEL"}, _FORM),
+    ("get", "/v1/realtime", "WebSocket: vLLM's realtime transcription (session.update, input_audio_buffer.append "
+     "with base64 PCM16, input_audio_buffer.commit -> transcription.delta / transcription.done).", True, None),
     ("post", "/tokenize", "Text or messages -> token ids (vLLM's shape).", False, {"prompt": "Hello"}),
     ("post", "/detokenize", "Token ids -> text (vLLM's shape).", False, {"tokens": [19556]}),
     ("get", "/version", "Server version.", False, None),
@@ -49,7 +57,7 @@ ENDPOINTS = [
 
 def openapi_spec(title: str = "llm OpenAI-compatible server", version: str = "0") -> dict:
     paths: dict = {}
-    for method, path, summary, auth, example in ENDPOINTS:
+    for method, path, summary, auth, example, *content_type in ENDPOINTS:
         op: dict = {"summary": summary, "responses": {
             "200": {"description": "OK"},
             "4XX": {"description": "OpenAI-shaped error", "content": {_JSON: {"schema": _ERROR}}}}}
@@ -60,8 +68,8 @@ def openapi_spec(title: str = "llm OpenAI-compatible server", version: str = "0"
             op["parameters"] = [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
                                 for n in names]
         if example is not None:
-            op["requestBody"] = {"required": True, "content": {_JSON: {"schema": {"type": "object"},
-                                                                       "example": example}}}
+            op["requestBody"] = {"required": True, "content": {(content_type or [_JSON])[0]: {
+                "schema": {"type": "object"}, "example": example}}}
         paths.setdefault(path, {})[method] = op
     return {"openapi": "3.0.3", "info": {"title": title, "version": version}, "paths": paths,
             "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}}
@@ -94,7 +102,7 @@ fetch("/openapi.json").then(r => r.json()).then(spec => {
         l.textContent = "  (Bearer key)"; head.append(l); }
       const s = document.createElement("p"); s.textContent = op.summary;
       div.append(head, s);
-      const ex = op.requestBody && op.requestBody.content["application/json"].example;
+      const ex = op.requestBody && Object.values(op.requestBody.content)[0].example;
       if (ex) { const pre = document.createElement("pre"); pre.textContent = JSON.stringify(ex, null, 2);
         div.append(pre); }
       root.append(div);

@@ -4,6 +4,7 @@ unloads its engine process as requests come and go."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
@@ -18,6 +19,7 @@ from engine.messages import EngineInfo
 from engine.config import EngineConfig
 from engine.protocol import EngineClient, EngineStartupError
 from engine.validation import InvalidRequest, check_context_length
+from engine.whisper_loader import is_whisper_model
 from launcher.server.errors import APIError, not_ready
 from launcher.server.metrics import ModelMetrics
 from launcher.server.protocol import DEFAULTABLE
@@ -47,6 +49,7 @@ class ServedModel:
         self._loading: asyncio.Task | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._config: tuple[int | None, bool, tuple[str, ...]] | None = None   # (context window, pools, labels)
+        self._speech: tuple[str, ...] | None = None   # an unloaded model's speech capabilities, from its config
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -87,9 +90,17 @@ class ServedModel:
 
     @property
     def capabilities(self) -> tuple[str, ...]:
-        """What it serves: a pooling model's endpoints (pooling_capabilities), or completion and (with a chat
-        template) chat."""
+        """What it serves: a speech model's transcription (and translation), a pooling model's endpoints
+        (pooling_capabilities), or completion and (with a chat template) chat."""
         info = self.client.info
+        if info is not None:
+            speech = speech_capabilities(info)
+        else:   # read once: /v1/models asks for every alias
+            if self._speech is None:
+                self._speech = speech_capabilities_of(self.settings.engine.model)
+            speech = self._speech
+        if speech:
+            return speech
         is_pooling, labels = (info.is_embedding_model, info.labels) if info is not None else self._config_facts()[1:]
         if is_pooling:
             return pooling_capabilities(labels)
@@ -206,6 +217,10 @@ class ServedModel:
             raise not_ready(self.phase)
 
     def check_generates(self) -> None:
+        if self.info.is_speech_model:
+            raise APIError(400, f"the model `{self.names[0]}` is a speech-to-text model: it does not generate text "
+                           f"from prompts (it serves {', '.join(self.capabilities)} on /v1/audio/*)", param="model",
+                           code="model_not_supported")
         if self.info.is_embedding_model:
             kind = "a classifier" if self.info.labels else "an embedding model"
             raise APIError(400, f"the model `{self.names[0]}` is {kind}: it does not generate text (it serves "
@@ -236,6 +251,30 @@ def pooling_capabilities(labels: tuple[str, ...]) -> tuple[str, ...]:
     if not labels:
         return ("embedding", "score", "rerank", "pooling")
     return ("classify", "score", "rerank", "pooling") if len(labels) == 1 else ("classify", "pooling")
+
+
+def speech_capabilities(info: EngineInfo) -> tuple[str, ...]:
+    """A loaded speech model's endpoints: transcription, and translation (to English) for multilingual ones."""
+    if not info.is_speech_model:
+        return ()
+    return ("transcription", "translation") if info.can_translate else ("transcription",)
+
+
+def speech_capabilities_of(path: str) -> tuple[str, ...]:
+    """The same for a model not loaded yet (on_demand), from its files: a multilingual Whisper (vocabulary of
+    51865 or more; English-only ones have 51864) also translates."""
+    folder = Path(path)
+    if not is_whisper_model(folder):
+        return ()
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        vocab_size = config.get("vocab_size") if isinstance(config, dict) else None
+        if not isinstance(vocab_size, int):   # CTranslate2's config.json has none: its vocabulary.txt, a token a line
+            with open(folder / "vocabulary.txt", "rb") as f:
+                vocab_size = sum(1 for _ in f)
+    except (OSError, ValueError):
+        vocab_size = 0
+    return ("transcription", "translation") if vocab_size >= 51865 else ("transcription",)
 
 
 def load_server_tokenizer(path: str):

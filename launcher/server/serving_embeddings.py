@@ -24,7 +24,8 @@ async def create_embedding(state: ServerState, model: ServedModel, request: Requ
     f = Fields(body)
     name = f.raw("model")
     info = model.info
-    if info.labels:   # a classifier (decoder LMs pool their hidden states here, so only classifiers are refused)
+    if info.labels or info.is_speech_model:   # decoder LMs pool their hidden states here; classifiers and
+        # speech models (whose engine serves transcriptions only) are refused
         require(state, model, "embedding", "/v1/embeddings")
     inputs = read_prompts(f.raw("input"), info.vocab_size, param="input")
     encoding = f.str("encoding_format", "float", choices=("float", "base64"))

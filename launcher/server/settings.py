@@ -26,6 +26,7 @@ class ServerSettings:
     max_loaded_models: int | None = None        # on_demand models: at most this many loaded at once
     max_stored_responses: int = 1000            # /v1/responses with store: the least recently used go past this
     persist_responses: bool = False             # stored responses also as JSON files in $LLM_HOME/responses
+    max_audio_s: float = 600.0                  # longest clip the audio endpoints decode (and a realtime commit)
 
 
 @dataclass(frozen=True, slots=True)
