@@ -95,8 +95,11 @@ class DecoderLayer(nn.Module):
         for n, (ck, cv) in zip(row_lens, row_cross):
             # One row at a time: each attends to its own window, and the windows' K/V stay unstacked
             # (stacking would copy every active row's [h, S, D] per layer per step).
-            qi = cq[start:start + n].transpose(0, 1)                      # [h, n, D]
-            parts.append(F.scaled_dot_product_attention(qi, ck, cv, scale=1.0).transpose(0, 1))
+            # NOTE: 4-D inputs: torch's CPU SDPA takes a path ~8x slower for 3-D ones (1.4 against 0.18 ms at
+            # tiny's [6, 1500, 64] per layer and row, measured on the dev CPU)
+            qi = cq[start:start + n].transpose(0, 1)[None]                 # [1, h, n, D]
+            attn = F.scaled_dot_product_attention(qi, ck[None], cv[None], scale=1.0)
+            parts.append(attn[0].transpose(0, 1))
             start += n
         cross = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
         x = x + linear(cross.reshape(t, d), self.cross_out_proj)
