@@ -2,6 +2,13 @@
 import os
 
 import pytest
+import torch
+
+# NOTE: triton decorates its own language helpers (tl.cdiv, ...) with @jit when it is first imported, and they
+# run under the interpreter only if TRITON_INTERPRET was set by then. Any test module may import triton
+# indirectly while pytest collects (transformers' Whisper model does), so it is set here, before all of them.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 from engine.weights import DEFAULT_MODEL, WeightsError, fetch_packaged_model
 

@@ -1,4 +1,6 @@
 """CTranslate2 Whisper model.bin -> HF tensors: round trips through ctranslate2's converter, the packaged models, bad files."""
+from __future__ import annotations
+
 import random
 import shutil
 import struct

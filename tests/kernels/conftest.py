@@ -1,15 +1,7 @@
-"""Kernel tests: without CUDA the Triton kernels run under the interpreter on CPU tensors.
-
-NOTE: triton reads TRITON_INTERPRET when @triton.jit decorates a function, so it is set here, before any
-test module imports a kernel module.
-"""
-import os
-
+"""Kernel tests: without CUDA the Triton kernels run under the interpreter on CPU tensors (tests/conftest.py
+sets TRITON_INTERPRET before any test module is collected)."""
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(scope="session")
