@@ -27,10 +27,10 @@ class AttentionMetadata:
     @classmethod
     def for_batch(cls, device: torch.device, slot_mapping: list[int] | np.ndarray,
                   decode_block_tables: list[list[int]] | torch.Tensor,
-                  decode_context_lens: list[int], prefill_block_tables: list[list[int]],
+                  decode_context_lens: list[int], prefill_block_tables: list[list[int]] | torch.Tensor,
                   prefill_query_lens: list[int], prefill_context_lens: list[int]) -> "AttentionMetadata":
         """From plain lists, one entry per row: decode rows (one token each), then prefill rows.
-        decode_block_tables may be a ready [Bd, M] int64 tensor on `device` (the runner's fixed-width rows)."""
+        Either block tables may be a ready [rows, M] int64 tensor on `device` (the runner's padded rows)."""
         cu = [0]
         for n in prefill_query_lens:
             cu.append(cu[-1] + n)
@@ -42,7 +42,8 @@ class AttentionMetadata:
             decode_context_lens=_ints(decode_context_lens, device),
             max_decode_context_len=max(decode_context_lens, default=0),
             prefill_cu_seqlens_q=_ints(cu, device), prefill_context_lens=_ints(prefill_context_lens, device),
-            prefill_block_tables=_table(prefill_block_tables, device),
+            prefill_block_tables=prefill_block_tables if isinstance(prefill_block_tables, torch.Tensor)
+            else _table(prefill_block_tables, device),
             max_prefill_query_len=max(prefill_query_lens, default=0),
             max_prefill_context_len=max(prefill_context_lens, default=0))
 

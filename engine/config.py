@@ -139,6 +139,9 @@ def _rope_scaling(raw: dict[str, Any], source: str) -> RopeScaling | None:
                                                     raw.get("max_position_embeddings", 8192))))
 
 
+# The packaged executable (launcher/frozen.py) runs a tensor-parallel worker (engine/tp_worker.py) when given this.
+TP_WORKER_FLAG = "--llm-tp-worker"
+
 # The batching defaults: the one place they are set (EngineConfig, SchedulerConfig and the profile's
 # [engine] keys all read them).
 DEFAULT_MAX_NUM_SEQS = 256             # sequences in one batch
@@ -170,3 +173,5 @@ class EngineConfig:
     autotune_cache_dir: str | None = None    # tuned-config cache (None: $LLM_HOME/autotune)
     cpu_kernels: bool = True                 # on CPU: C kernels (kernels/cpu_kernels.c), GGUF 4/8-bit weights packed
     cpu_float_copies: bool | None = None     # keep float32 copies of packed weights (None: if they fit 1/4 of RAM)
+    tensor_parallel_size: int = 1            # ranks splitting each layer (engine/tp_worker.py); 1: one process
+    distributed_backend: str = "auto"        # torch.distributed backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo

@@ -14,6 +14,7 @@ from engine.loader import ModelFiles, load_config, load_model
 from engine.messages import (AddRequest, EmbedOutput, EmbedRequest, EngineInfo, EngineStats, TokenLogprob, TokenOutput,
                              TranscribeRequest, TranscriptionOutput)
 from engine.model_runner import ModelOutput, ModelRunner
+from engine.models.parallel import SINGLE
 from engine.sampler import Sampler, SamplingRow, compute_prompt_logprobs, make_generator
 from engine.scheduler import Batch, Scheduler, SchedulerConfig
 from engine.sequence import Sequence
@@ -62,27 +63,17 @@ class EngineCore:
         self.model_config = model_config = load_config(files)
         self.dtype = pick_dtype(config.dtype, self.device)
         max_model_len = initial_max_model_len(config, model_config)
-        self.model = load_model(files, model_config, self.dtype, self.device, max_positions=max_model_len,
-                                cpu_kernels=config.cpu_kernels,
-                                float_copies=config.cpu_float_copies)
-        on_phase("allocating KV cache")
-        num_blocks = num_kv_blocks(
-            config, ModelRunner.kv_bytes_per_block(model_config, config.block_size, self.dtype), self.device)
-        capacity = num_blocks * config.block_size
-        if config.max_model_len == "auto":
-            max_model_len = min(max_model_len, capacity)
-        elif capacity < max_model_len:
-            raise StartupError(
-                f"the KV cache holds {capacity} tokens ({num_blocks} blocks of {config.block_size}), "
-                f"less than one sequence of max_model_len={max_model_len}: set max_model_len <= "
-                f"{capacity} (or 'auto'), or give the cache more memory")
-        self.max_model_len = max_model_len
-        self.runner = ModelRunner(self.model, model_config, num_blocks, config.block_size, self.dtype, self.device,
-                                  max_model_len)
-        self.gpu_startup = None  # engine.model_runner.GpuStartup: autotune and graph capture figures
-        if self.device.type == "cuda":
-            self.gpu_startup = self.runner.warm_up(config, max_model_len, on_phase)
+        self.tp = None   # engine.tp_worker.TensorParallelGroup: the other ranks, with tensor_parallel_size > 1
+        if config.tensor_parallel_size > 1:
+            from engine.tp_worker import TensorParallelGroup
+            self.tp = TensorParallelGroup.start(config, model_config, self.device)
+        try:
+            self._build_runner(config, files, max_model_len, on_phase)
+        except BaseException:
+            self.close()
+            raise
         self.eos_token_ids, self.default_sampling = generation_defaults(files, model_config)
+        num_blocks, max_model_len = self.runner.num_blocks, self.max_model_len
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=config.max_num_seqs,
@@ -98,11 +89,47 @@ class EngineCore:
         self.num_requests_finished = 0
         self.info = EngineInfo(
             model_name=config.served_name or config.model, max_model_len=max_model_len,
-            num_blocks=num_blocks, block_size=config.block_size, kv_capacity_tokens=capacity,
+            num_blocks=num_blocks, block_size=config.block_size, kv_capacity_tokens=num_blocks * config.block_size,
             device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
             eos_token_ids=tuple(sorted(self.eos_token_ids)), vocab_size=model_config.vocab_size,
             is_embedding_model=False, load_seconds=time.monotonic() - start,
             default_sampling=self.default_sampling)
+
+    def _build_runner(self, config: EngineConfig, files: ModelFiles, max_model_len: int,
+                      on_phase: Callable[[str], None]) -> None:
+        """Load this rank's weights and size the KV cache (the workers do the same, engine/tp_worker.py)."""
+        model_config, shard = self.model_config, self.tp.shard if self.tp else SINGLE
+        self.model = load_model(files, model_config, self.dtype, self.device, max_positions=max_model_len,
+                                cpu_kernels=config.cpu_kernels, float_copies=config.cpu_float_copies,
+                                tp=shard if self.tp else None)
+        on_phase("allocating KV cache")
+        num_blocks = num_kv_blocks(
+            config, ModelRunner.kv_bytes_per_block(model_config, config.block_size, self.dtype, shard), self.device)
+        if self.tp:
+            num_blocks = self.tp.agree_num_blocks(num_blocks)
+        capacity = num_blocks * config.block_size
+        if config.max_model_len == "auto":
+            max_model_len = min(max_model_len, capacity)
+        elif capacity < max_model_len:
+            raise StartupError(
+                f"the KV cache holds {capacity} tokens ({num_blocks} blocks of {config.block_size}), "
+                f"less than one sequence of max_model_len={max_model_len}: set max_model_len <= "
+                f"{capacity} (or 'auto'), or give the cache more memory")
+        self.max_model_len = max_model_len
+        self.runner = ModelRunner(self.model, model_config, num_blocks, config.block_size, self.dtype, self.device,
+                                  max_model_len, shard)
+        self.gpu_startup = None  # engine.model_runner.GpuStartup: autotune and graph capture figures
+        if self.device.type == "cuda":
+            self.gpu_startup = self.runner.warm_up(config, max_model_len, on_phase)
+        if self.tp:
+            from engine.tp_worker import TensorParallelRunner
+            self.runner = TensorParallelRunner(self.runner, self.tp)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do in one process)."""
+        if self.tp is not None:
+            self.tp.close()
+            self.tp = None
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -279,6 +306,9 @@ class EngineCore:
 
     def embed(self, request: EmbedRequest) -> EmbedOutput:
         """Pool this decoder's hidden states for /v1/embeddings (between steps, on a scratch cache)."""
+        if self.tp is not None:   # the scratch forward would run on rank 0 alone: its all-reduces need the others
+            return EmbedOutput(request.request_id, error="embeddings are not served with tensor_parallel_size > 1",
+                               error_code="not_supported")
         from engine.embedding import decoder_embed_request
         return decoder_embed_request(self, request)
 

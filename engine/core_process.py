@@ -18,8 +18,8 @@ from typing import Protocol
 
 from engine.config import EngineConfig
 from engine.messages import (AbortRequests, AddRequest, EmbedOutput, EmbedRequest, EngineFatal, EngineInfo,
-                             EngineStats, PhaseUpdate, Shutdown, StatsRequest, StepOutputs, StopSample, ToCore,
-                             TokenOutput, TranscribeRequest, TranscriptionOutput)
+                             EngineStats, FatalStepError, PhaseUpdate, Shutdown, StatsRequest, StepOutputs, StopSample,
+                             ToCore, TokenOutput, TranscribeRequest, TranscriptionOutput)
 
 log = logging.getLogger("llm.engine")
 
@@ -55,18 +55,29 @@ def run_engine_core(config: EngineConfig, requests: Connection, outputs: Connect
         _serve(core, requests, outputs)
     except (EOFError, BrokenPipeError, OSError):
         pass  # the API process went away: nothing left to serve
+    finally:
+        close = getattr(core, "close", None)   # EngineCore's tensor-parallel workers
+        if close is not None:
+            close()
 
 
 def _build_core(config: EngineConfig, on_phase) -> Core:
     from engine.embedding_core import PoolingCore, is_pooling_model
     if is_pooling_model(config.model):
+        _one_rank_only(config)
         return PoolingCore(config, on_phase=on_phase)
     from engine.whisper_loader import is_whisper_model
     if is_whisper_model(config.model):
+        _one_rank_only(config)
         from engine.speech_core import SpeechCore
         return SpeechCore(config, on_phase=on_phase)
     from engine.core import EngineCore
     return EngineCore(config, on_phase=on_phase)
+
+
+def _one_rank_only(config: EngineConfig) -> None:
+    if config.tensor_parallel_size > 1:
+        raise ValueError(f"{config.model}: tensor_parallel_size > 1 is for text-generation models only")
 
 
 def _serve(core: Core, requests: Connection, outputs: Connection) -> None:
@@ -84,6 +95,11 @@ def _serve(core: Core, requests: Connection, outputs: Connection) -> None:
         if core.has_work():
             try:
                 step_outputs = core.step()
+            except FatalStepError as e:   # no further step can run: fail everything, say why, and exit
+                log.error("engine stops: %s", e)
+                outputs.send(StepOutputs(immediate + core.fail_all(f"engine failed: {e}"), core.stats()))
+                outputs.send(EngineFatal(str(e)))
+                return
             except Exception as e:  # a bug must not hang clients: fail their requests, keep serving
                 log.error("engine step failed:\n%s", traceback.format_exc())
                 step_outputs = core.fail_all(f"internal engine error: {type(e).__name__}: {e}")

@@ -139,7 +139,8 @@ FLOAT_COPIES_MAX_MEMORY_SHARE = 0.25
 
 
 def load_model(files: ModelFiles, config: ModelConfig, dtype: torch.dtype, device: torch.device,
-               max_positions: int, cpu_kernels: bool = False, float_copies: bool | None = None) -> torch.nn.Module:
+               max_positions: int, cpu_kernels: bool = False, float_copies: bool | None = None,
+               tp=None) -> torch.nn.Module:
     """Build the model on `device` in `dtype` and fill it from the checkpoint.
 
     cpu_kernels: on the CPU, run the C kernels (kernels/cpu_kernels.c) where built, and in float32 also
@@ -147,13 +148,14 @@ def load_model(files: ModelFiles, config: ModelConfig, dtype: torch.dtype, devic
     float32 copies). False: the torch twins and float32 weights only.
     float_copies: keep float32 copies of the packed decoder-layer weights; None: while they fit in
     FLOAT_COPIES_MAX_MEMORY_SHARE of the memory.
+    tp: an engine.models.parallel.TensorParallel: build and fill only this rank's slices; None: the whole model.
     """
     from engine.models import model_class
     from engine.models.layers import rope_cos_sin_cache
     from kernels import get_ops
     cls = model_class(config.family)
     with torch.device("meta"):
-        model = cls(config, get_ops(device.type, cpu_kernels), max_positions)
+        model = cls(config, get_ops(device.type, cpu_kernels), max_positions, **({"tp": tp} if tp else {}))
     skipped: set[str] = set()
     if device.type == "cpu" and cpu_kernels and files.format == "gguf" and dtype == torch.float32:
         # Packed before the float parameters exist, so that layers left packed-only never allocate them.

@@ -86,8 +86,13 @@ class PhaseUpdate:
 
 @dataclass(frozen=True, slots=True)
 class EngineFatal:
-    """The core could not start; the message is one line for the user."""
+    """The core could not start, or stopped for good (FatalStepError); the message is one line for the user."""
     message: str
+
+
+class FatalStepError(RuntimeError):
+    """A step failed in a way the core cannot recover from (a tensor-parallel rank died or fell out of
+    step): the loop fails every request, reports EngineFatal and exits."""
 
 
 @dataclass(frozen=True, slots=True)

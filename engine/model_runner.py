@@ -5,7 +5,6 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -13,16 +12,11 @@ import torch
 from engine.attention import AttentionMetadata, BlockTableRows
 from engine.config import EngineConfig, ModelConfig
 from engine.cuda_graph import DecodeGraphs, GraphCaptureStats, graph_batch_sizes, table_width
+from engine.models.parallel import SINGLE, TensorParallel
 from engine.scheduler import Batch
+from engine.step_plan import PromptLogprobSpan, StepPlan, padded_table
 
 log = logging.getLogger("llm.engine")
-
-
-class PromptLogprobSpan(NamedTuple):
-    """Positions of one batch row whose logits give its prompt logprobs."""
-    row: int       # the batch row
-    offset: int    # its first row in ModelOutput.prompt_logits
-    count: int     # how many positions
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,30 +37,21 @@ class GpuStartup:
     graphs: GraphCaptureStats | None
 
 
-@dataclass(frozen=True, slots=True)
-class _EagerInputs:
-    input_ids: torch.Tensor                     # [T]
-    positions: torch.Tensor                     # [T]
-    meta: AttentionMetadata
-    logits_indices: torch.Tensor                # [S] hidden rows to sample from, one per sampling row
-    sample_rows: list[int]
-    prompt_logprob_spans: tuple[PromptLogprobSpan, ...]
-    prompt_logprob_indices: torch.Tensor        # [P] hidden rows of the spans, in span order
-
-
 class ModelRunner:
     """Batch -> tensors -> model -> logits. Never mutates sequences (the scheduler owns them)."""
 
     def __init__(self, model: torch.nn.Module, config: ModelConfig, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device, max_model_len: int | None = None):
+                 dtype: torch.dtype, device: torch.device, max_model_len: int | None = None,
+                 tp: TensorParallel = SINGLE):
         """max_model_len: eager decode rows get block tables of its width (table_width), as the graphs do;
-        None: as wide as the batch's longest table."""
+        None: as wide as the batch's longest table. tp: this rank's place; its cache holds its KV heads."""
         self.model = model
         self.config = config
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.device = device
-        shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+        self.tp = tp
+        shape = (num_blocks, block_size, tp.num_kv_heads(config), config.head_dim)
         self.kv_caches = [(_zeros(shape, dtype, device), _zeros(shape, dtype, device))
                           for _ in range(config.num_hidden_layers)]
         self.graphs: DecodeGraphs | None = None   # set by use_decode_graphs
@@ -74,9 +59,10 @@ class ModelRunner:
         self._decode_rows_staged: BlockTableRows | None = None
 
     @staticmethod
-    def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype,
+                           tp: TensorParallel = SINGLE) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * config.num_hidden_layers * block_size * config.num_key_value_heads * config.head_dim * elem
+        return 2 * config.num_hidden_layers * block_size * tp.num_kv_heads(config) * config.head_dim * elem
 
     # -- setup ----------------------------------------------------------------------------------
 
@@ -93,8 +79,9 @@ class ModelRunner:
         mc = self.config
         sizes = graph_batch_sizes(config.max_num_seqs, config.cuda_graph_max_batch, config.cuda_graph_sizes)
         shapes = ops.ModelShapes(
-            hidden_size=mc.hidden_size, intermediate_size=mc.intermediate_size, num_heads=mc.num_attention_heads,
-            num_kv_heads=mc.num_key_value_heads, head_dim=mc.head_dim, block_size=self.block_size,
+            hidden_size=mc.hidden_size, intermediate_size=self.tp.intermediate_size(mc),
+            num_heads=self.tp.num_heads(mc), num_kv_heads=self.tp.num_kv_heads(mc), head_dim=mc.head_dim,
+            block_size=self.block_size,
             max_model_len=max_model_len,
             # the tuning buckets cover every decode batch, graphs or not
             decode_batch_sizes=sizes or graph_batch_sizes(config.max_num_seqs),
@@ -110,7 +97,8 @@ class ModelRunner:
         log.info("kernel configs: %d from cache, %d tuned in %.1fs", tuner.num_loaded, tuner.num_tuned,
                  autotune_seconds)
         stats = None
-        if config.cuda_graphs and sizes:
+        # NOTE: graphs replay on rank 0 alone; the other ranks would have to replay theirs in step
+        if config.cuda_graphs and sizes and self.tp.size == 1:
             on_phase("capturing CUDA graphs")
             stats = self.use_decode_graphs(sizes, max_model_len)
             log.info("captured %d decode graphs (batch %d..%d) in %.2fs holding %.0f MiB", len(sizes), sizes[0],
@@ -133,15 +121,31 @@ class ModelRunner:
             return ModelOutput(self.graphs.execute(batch), list(range(batch.num_seqs)))
         return self.execute_eager(batch)
 
-    @torch.inference_mode()
     def execute_eager(self, batch: Batch) -> ModelOutput:
-        inputs = self._prepare(batch)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        return self.execute_plan(self.plan(batch))
+
+    @torch.inference_mode()
+    def execute_plan(self, plan: StepPlan) -> ModelOutput:
+        """Run a plan and compute the logits rank 0 samples from."""
+        hidden = self.forward(plan)
+        dev = self.device
+        logits = self.model.compute_logits(hidden[torch.from_numpy(plan.logits_indices).to(dev)])
         prompt_logits = None
-        if inputs.prompt_logprob_spans:
-            prompt_logits = self.model.compute_logits(hidden[inputs.prompt_logprob_indices])
-        return ModelOutput(logits, inputs.sample_rows, prompt_logits, inputs.prompt_logprob_spans)
+        if plan.prompt_logprob_spans:
+            prompt_logits = self.model.compute_logits(hidden[torch.from_numpy(plan.prompt_logprob_indices).to(dev)])
+        return ModelOutput(logits, list(plan.sample_rows), prompt_logits, plan.prompt_logprob_spans)
+
+    @torch.inference_mode()
+    def forward(self, plan: StepPlan) -> torch.Tensor:
+        """The model over a plan: final hidden states [T, H]. The other tensor-parallel ranks run only
+        this, in step with rank 0 (the all-reduces inside pair them up)."""
+        dev = self.device
+        meta = AttentionMetadata.for_batch(
+            dev, plan.slot_mapping, torch.from_numpy(plan.decode_block_tables).to(dev),
+            plan.decode_context_lens.tolist(), torch.from_numpy(plan.prefill_block_tables).to(dev),
+            plan.prefill_query_lens.tolist(), plan.prefill_context_lens.tolist())
+        return self.model(torch.from_numpy(plan.input_ids).to(dev), torch.from_numpy(plan.positions).to(dev),
+                          self.kv_caches, meta)
 
     def _decode_rows(self, num_rows: int) -> BlockTableRows:
         """The staged decode-row tables, at least num_rows rows of the fixed width (see __init__)."""
@@ -150,7 +154,7 @@ class ModelRunner:
             self._decode_rows_staged = BlockTableRows(np.zeros((rows, self._decode_width), dtype=np.int64))
         return self._decode_rows_staged
 
-    def _prepare(self, batch: Batch) -> _EagerInputs:
+    def plan(self, batch: Batch) -> StepPlan:
         """Flatten a Batch (decode rows first, then prefill rows) into model inputs."""
         bs = self.block_size
         input_ids: list[int] = []
@@ -196,7 +200,6 @@ class ModelRunner:
             if s.sample:
                 logits_indices.append(len(input_ids) - 1)
                 sample_rows.append(row)
-        dev = self.device
         nd = batch.num_decodes
         if nd:
             decode_pos = np.asarray(decode_lens, dtype=np.int64) - 1
@@ -205,18 +208,23 @@ class ModelRunner:
                 decode_slots = staged.array[np.arange(nd), decode_pos // bs] * bs + decode_pos % bs
                 # NOTE: every eager decode step has the same table width (max_model_len's), so the Triton
                 # decode kernel's split count and its tuned config's key do not change with the batch
-                decode_tables = torch.from_numpy(staged.array[:nd]).to(dev, copy=True)
+                decode_tables = staged.array[:nd].copy()   # the staged rows are rewritten next step
             slots.insert(0, np.asarray(decode_slots, dtype=np.int64))
-        meta = AttentionMetadata.for_batch(dev, _concat(slots), decode_tables, decode_lens, prefill_tables,
-                                           prefill_query_lens, prefill_lens)
-        return _EagerInputs(
-            input_ids=torch.tensor(input_ids, dtype=torch.int64, device=dev),
-            positions=torch.from_numpy(_concat(positions)).to(dev),
-            meta=meta,
-            logits_indices=torch.tensor(logits_indices, dtype=torch.int64, device=dev),
-            sample_rows=sample_rows,
+        if isinstance(decode_tables, list):
+            decode_tables = padded_table(decode_tables)
+        return StepPlan(
+            input_ids=np.asarray(input_ids, dtype=np.int64),
+            positions=_concat(positions),
+            slot_mapping=_concat(slots),
+            decode_block_tables=decode_tables,
+            decode_context_lens=np.asarray(decode_lens, dtype=np.int64),
+            prefill_block_tables=padded_table(prefill_tables),
+            prefill_query_lens=np.asarray(prefill_query_lens, dtype=np.int64),
+            prefill_context_lens=np.asarray(prefill_lens, dtype=np.int64),
+            logits_indices=np.asarray(logits_indices, dtype=np.int64),
+            sample_rows=tuple(sample_rows),
             prompt_logprob_spans=tuple(spans),
-            prompt_logprob_indices=torch.tensor(span_indices, dtype=torch.int64, device=dev))
+            prompt_logprob_indices=np.asarray(span_indices, dtype=np.int64))
 
 
 def _concat(parts: list[np.ndarray]) -> np.ndarray:

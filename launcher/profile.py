@@ -21,8 +21,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-__all__ = ["DefaultsSection", "EngineSection", "KernelsSection", "ModelEntry", "ModelSection", "Pricing", "Profile",
-           "ProfileError", "ServerSection", "UpstreamSection", "apply_overrides", "default_profile", "engine_kwargs",
+__all__ = ["DefaultsSection", "DistributedSection", "EngineSection", "KernelsSection", "ModelEntry", "ModelSection",
+           "Pricing", "Profile", "ProfileError", "ServerSection", "UpstreamSection", "apply_overrides", "default_profile", "engine_kwargs",
            "is_repo_id", "load_profile", "parse_profile", "profile_reference", "reference_markdown", "tomllib"]
 
 
@@ -94,6 +94,16 @@ class KernelsSection:
                                          "chunks over 64 tokens (faster prefill, ~5x the packed size in "
                                          "memory); unset: only while they fit in a quarter of the memory",
                                          "bool")
+
+
+@dataclass(frozen=True, slots=True)
+class DistributedSection:
+    """[distributed]: one model split over several processes (tensor parallel, engine/tp_worker.py)."""
+    tensor_parallel_size: int = key(1, "ranks each layer is split over (attention heads, MLP); must divide the "
+                                    "model's attention heads (an error names the sizes that work); 1: one "
+                                    "process. On CUDA one GPU per rank", "int", lo=1)
+    backend: str = key("auto", "torch.distributed backend; auto: nccl on CUDA, gloo on CPU", "str",
+                       choices=("auto", "nccl", "gloo"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +202,7 @@ class Profile:
     model: ModelSection = field(default_factory=ModelSection)
     engine: EngineSection = field(default_factory=EngineSection)
     kernels: KernelsSection = field(default_factory=KernelsSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
     server: ServerSection = field(default_factory=ServerSection)
     defaults: DefaultsSection = field(default_factory=DefaultsSection)
     models: tuple[ModelEntry, ...] = ()             # [[models]]
@@ -207,7 +218,8 @@ class Profile:
 
 
 SECTIONS: dict[str, type] = {"model": ModelSection, "engine": EngineSection, "kernels": KernelsSection,
-                             "server": ServerSection, "defaults": DefaultsSection}
+                             "distributed": DistributedSection, "server": ServerSection,
+                             "defaults": DefaultsSection}
 TABLE_ARRAYS = ("models", "upstreams")
 EXCLUSIVE: Exclusive = (("engine", "kv_cache_memory_fraction", "kv_cache_gib"),
                         ("server", "api_keys", "api_key_env"))
@@ -231,7 +243,9 @@ def engine_kwargs(profile: Profile, entry: ModelEntry | None = None) -> dict[str
               "cuda_graphs": e.cuda_graphs, "cuda_graph_sizes": e.cuda_graph_sizes,
               "autotune": profile.kernels.autotune, "autotune_cache_dir": profile.kernels.cache_dir,
               "cpu_kernels": profile.kernels.cpu_kernels,
-              "cpu_float_copies": profile.kernels.cpu_float_copies}
+              "cpu_float_copies": profile.kernels.cpu_float_copies,
+              "tensor_parallel_size": profile.distributed.tensor_parallel_size,
+              "distributed_backend": profile.distributed.backend}
     return {k: v for k, v in kwargs.items() if v is not None}
 
 

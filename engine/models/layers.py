@@ -10,6 +10,7 @@ from torch import nn
 
 from engine.attention import AttentionMetadata, PagedAttention
 from engine.config import ModelConfig, RopeScaling
+from engine.models.parallel import SINGLE, TensorParallel
 from kernels.cpu_quant import quant_matmul
 
 
@@ -81,10 +82,12 @@ def rope_cos_sin_cache(head_dim: int, theta: float, scaling: RopeScaling | None,
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, ops: ModuleType):
+    """Self-attention over this rank's heads: qkv_proj column-parallel, o_proj row-parallel (one all-reduce)."""
+
+    def __init__(self, config: ModelConfig, ops: ModuleType, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.num_heads = tp.num_heads(config)
+        self.num_kv_heads = tp.num_kv_heads(config)
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
@@ -97,6 +100,7 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.ops = ops
+        self.tp = tp
         self.attn = PagedAttention(ops, scale=self.head_dim ** -0.5)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, cos_sin_cache: torch.Tensor,
@@ -112,27 +116,31 @@ class Attention(nn.Module):
             k = self.k_norm.forward(k.reshape(-1, self.head_dim)).view(t, self.num_kv_heads, self.head_dim)
         q, k = self.ops.rotary_embedding(q, k, positions, cos_sin_cache)
         out = self.attn(q, k, v, kv_cache[0], kv_cache[1], meta)
-        return linear(out.reshape(t, self.q_size), self.o_proj)
+        return self.tp.all_reduce(linear(out.reshape(t, self.q_size), self.o_proj))
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, ops: ModuleType):
+    """SwiGLU over this rank's share: gate_up_proj column-parallel, down_proj row-parallel (one all-reduce)."""
+
+    def __init__(self, config: ModelConfig, ops: ModuleType, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        intermediate = tp.intermediate_size(config)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, config.hidden_size, bias=False)
         self.ops = ops
+        self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(self.ops.silu_and_mul(linear(x, self.gate_up_proj)), self.down_proj)
+        return self.tp.all_reduce(linear(self.ops.silu_and_mul(linear(x, self.gate_up_proj)), self.down_proj))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, ops: ModuleType):
+    def __init__(self, config: ModelConfig, ops: ModuleType, tp: TensorParallel = SINGLE):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
-        self.self_attn = Attention(config, ops)
+        self.self_attn = Attention(config, ops, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
-        self.mlp = MLP(config, ops)
+        self.mlp = MLP(config, ops, tp)
 
     def forward(self, positions, x, residual, cos_sin_cache, kv_cache, meta):
         if residual is None:

@@ -10,6 +10,7 @@ from torch import nn
 from engine.attention import AttentionMetadata
 from engine.config import ModelConfig
 from engine.models.layers import DecoderLayer, RMSNorm, linear, rope_cos_sin_cache
+from engine.models.parallel import SINGLE, TensorParallel, shard_quantized, shard_tensor
 from kernels.cpu_quant import QuantizedTensor, cat_rows, pack
 
 # Checkpoint projection name -> (our fused parameter, shard index). Fusing at load time turns three
@@ -21,14 +22,16 @@ FUSED_SHARDS = {
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, ops: ModuleType, max_positions: int):
+    def __init__(self, config: ModelConfig, ops: ModuleType, max_positions: int, tp: TensorParallel = SINGLE):
+        """tp: this rank's place; its layers hold their slice of the heads and of the MLP (parallel.py)."""
         super().__init__()
         self.config = config
+        self.tp = tp
         # NOTE: _weight skips the random init: normal_ on the meta device imports torch._dynamo (~1 s of
         # startup); the loader fills every parameter anyway.
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
                                          _weight=torch.empty(config.vocab_size, config.hidden_size))
-        self.layers = nn.ModuleList(DecoderLayer(config, ops) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, ops, tp) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(
             config.hidden_size, config.vocab_size, bias=False)
@@ -52,7 +55,8 @@ class LlamaForCausalLM(nn.Module):
 
     def load_quantized(self, weights: Iterable[tuple[str, QuantizedTensor]]) -> int:
         """Attach packed integer weights (`module.packed`) beside the float ones, for the quantized
-        CPU kernel; a fused projection gets them only when every shard came. Returns bytes packed."""
+        CPU kernel; a fused projection gets them only when every shard came (and, with tensor parallel,
+        when this rank's slice of each is whole quantization groups). Returns bytes packed."""
         modules = dict(self.named_modules())
         shards: dict[str, dict[int, QuantizedTensor]] = {}
         for name, w in weights:
@@ -65,7 +69,9 @@ class LlamaForCausalLM(nn.Module):
                     target, shard = name.replace(ckpt_name, fused), index
                     break
             if target.removesuffix(".weight") in modules:
-                shards.setdefault(target.removesuffix(".weight"), {})[shard] = w
+                w = shard_quantized(name, w, self.config, self.tp)
+                if w is not None:
+                    shards.setdefault(target.removesuffix(".weight"), {})[shard] = w
         num_bytes = 0
         for module_name, parts in shards.items():
             module = modules[module_name]
@@ -97,7 +103,7 @@ class LlamaForCausalLM(nn.Module):
             if param is None:
                 continue  # extra tensors (e.g. unused heads) are not an error
             dst = param.data if shard is None else self._shard(target, param.data, shard)
-            _copy(dst, tensor, source, name)
+            _copy(dst, shard_tensor(name, tensor, self.config, self.tp), source, name)
             loaded.setdefault(target, set()).add(shard or 0)
         for pname in params:
             num_shards = 3 if ".qkv_proj." in pname else 2 if ".gate_up_proj." in pname else 1
@@ -105,12 +111,12 @@ class LlamaForCausalLM(nn.Module):
                 raise ValueError(f"{source}: checkpoint lacks weights for {pname}")
 
     def _shard(self, target: str, data: torch.Tensor, shard: int) -> torch.Tensor:
-        c = self.config
+        c, tp = self.config, self.tp
         if "qkv_proj" in target:
-            q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+            q, kv = tp.num_heads(c) * c.head_dim, tp.num_kv_heads(c) * c.head_dim
             sizes = [q, kv, kv]
         else:
-            sizes = [c.intermediate_size, c.intermediate_size]
+            sizes = [tp.intermediate_size(c)] * 2
         start = sum(sizes[:shard])
         return data.narrow(0, start, sizes[shard])
 

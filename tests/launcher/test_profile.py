@@ -32,7 +32,7 @@ def test_default_toml_matches_builtin_default(monkeypatch):
     monkeypatch.delenv("LLM_OFFLINE", raising=False)
     loaded = load_profile(REPO / "profiles" / "default.toml")
     builtin = default_profile()
-    for section in ("model", "engine", "kernels", "server", "defaults"):
+    for section in ("model", "engine", "kernels", "distributed", "server", "defaults"):
         assert getattr(loaded, section) == getattr(builtin, section), section
     assert loaded.path == str(REPO / "profiles" / "default.toml")
     assert loaded.model.names == ("HuggingFaceTB/SmolLM2-135M-Instruct",)
@@ -174,7 +174,7 @@ def test_engine_kwargs_leave_unset_keys_to_the_engine():
 def test_reference_covers_every_key():
     rows = profile_reference()
     keys = {r[0] for r in rows}
-    for section in ("model", "engine", "kernels", "server", "defaults"):
+    for section in ("model", "engine", "kernels", "distributed", "server", "defaults"):
         for f in dataclasses.fields(getattr(Profile(), section)):
             assert f"{section}.{f.name}" in keys
     assert all(doc for *_, doc in rows)
