@@ -54,14 +54,32 @@ def _clips(num: int) -> list[np.ndarray]:
     return clips
 
 
-def test_greedy_tokens_equal_transformers(random_tiny):
+@pytest.fixture(scope="module")
+def references(random_tiny) -> tuple[list[np.ndarray], list[tuple[list[int], bool]]]:
+    """The clips, and per clip transformers' greedy text tokens (up to NUM_NEW_TOKENS) and whether it ended."""
     model = transformers.WhisperForConditionalGeneration.from_pretrained(random_tiny).eval()
     # NOTE: a generation_config.json saved "from the model config" is rebuilt from it on loading, which
     # forgets Whisper's fields: set them again (our engine reads them from the saved file)
     model.generation_config.no_timestamps_token_id, model.generation_config.is_multilingual = NO_TIMESTAMPS, False
     features = transformers.WhisperFeatureExtractor(feature_size=80)
-    clips = _clips(8)
-    core = SpeechCore(EngineConfig(model=str(random_tiny), device="cpu", dtype="float32"))
+    clips, refs = _clips(8), []
+    for clip in clips:
+        feats = torch.from_numpy(features(clip, sampling_rate=16000, return_tensors="np").input_features)
+        with torch.no_grad():
+            ref = model.generate(feats, max_new_tokens=NUM_NEW_TOKENS, do_sample=False)[0].tolist()
+        ref = [t for t in ref if t not in (SOT, NO_TIMESTAMPS)]
+        ended = EOT in ref
+        refs.append(([t for t in (ref[:ref.index(EOT)] if ended else ref) if t < EOT], ended))
+    distinct = {tuple(text[:8]) for text, _ in refs}
+    assert len(distinct) >= 6, "the random model's outputs hardly depend on the audio: a weak test"
+    return clips, refs
+
+
+@pytest.mark.parametrize("cpu_kernels", [True, False], ids=["c-kernels", "torch-twins"])
+def test_greedy_tokens_equal_transformers(random_tiny, references, cpu_kernels):
+    """The C decode-attention kernel and the torch twins (the ops the CUDA path mirrors) alike."""
+    clips, refs = references
+    core = SpeechCore(EngineConfig(model=str(random_tiny), device="cpu", dtype="float32", cpu_kernels=cpu_kernels))
     for i, clip in enumerate(clips):   # all in flight together: they share encoder batches and decode steps
         assert core.transcribe(TranscribeRequest(f"clip-{i}", clip)) == []
     texts: dict[str, list[int]] = {f"clip-{i}": [] for i in range(len(clips))}
@@ -76,16 +94,7 @@ def test_greedy_tokens_equal_transformers(random_tiny):
                 finished.add(out.request_id)
     assert finished == set(texts)
     assert core.block_manager.num_used_blocks == 0
-    distinct = set()
-    for i, clip in enumerate(clips):
-        feats = torch.from_numpy(features(clip, sampling_rate=16000, return_tensors="np").input_features)
-        with torch.no_grad():
-            ref = model.generate(feats, max_new_tokens=NUM_NEW_TOKENS, do_sample=False)[0].tolist()
-        ref = [t for t in ref if t not in (SOT, NO_TIMESTAMPS)]
-        ended = EOT in ref
-        ref_text = [t for t in (ref[:ref.index(EOT)] if ended else ref) if t < EOT]
+    for i, (ref_text, ended) in enumerate(refs):
         ours = texts[f"clip-{i}"]
         assert streamed[f"clip-{i}"] == ours, "streamed tokens differ from the segments' tokens"
         assert (ours if ended else ours[:len(ref_text)]) == ref_text, f"clip {i}"
-        distinct.add(tuple(ref_text[:8]))
-    assert len(distinct) >= 6, "the random model's outputs hardly depend on the audio: a weak test"
