@@ -83,7 +83,10 @@ def serve(profile: str | None, host, port, api_key, device, model, served_name, 
     if dry_run:
         click.echo(json.dumps(asdict(effective), indent=2))
         return
-    from launcher.supervise import serve as run_server
+    if effective.distributed.uses_ray:
+        from launcher.ray_serve import serve_replicas as run_server
+    else:
+        from launcher.supervise import serve as run_server
     sys.exit(run_server(effective) or 0)
 
 

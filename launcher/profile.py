@@ -98,12 +98,27 @@ class KernelsSection:
 
 @dataclass(frozen=True, slots=True)
 class DistributedSection:
-    """[distributed]: one model split over several processes (tensor parallel, engine/tp_worker.py)."""
+    """[distributed]: past one device: tensor parallel (engine/tp_worker.py), replicas on Ray Serve
+    (launcher/ray_serve.py)."""
     tensor_parallel_size: int = key(1, "ranks each layer is split over (attention heads, MLP); must divide the "
                                     "model's attention heads (an error names the sizes that work); 1: one "
                                     "process. On CUDA one GPU per rank", "int", lo=1)
     backend: str = key("auto", "torch.distributed backend; auto: nccl on CUDA, gloo on CPU", "str",
                        choices=("auto", "nccl", "gloo"))
+    replicas: int | str = key(1, "servers behind one address on Ray Serve (launcher/ray_serve.py), each with "
+                              "its own engine; 1: no Ray; auto: Serve scales between min_replicas and "
+                              "max_replicas", "int_or_auto", lo=1)
+    min_replicas: int = key(1, "replicas = auto: the fewest kept running", "int", lo=1)
+    max_replicas: int = key(4, "replicas = auto: the most started", "int", lo=1)
+    target_ongoing_requests: float = key(2.0, "replicas = auto: requests in flight per replica Serve scales "
+                                         "towards", "float", lo=0.0, lo_open=True)
+    ray_address: str = key("", "the Ray cluster for replicas; empty: start a local one (stopped with the "
+                           "server); auto or ray://host:port: join a running cluster", "ray_address")
+
+    @property
+    def uses_ray(self) -> bool:
+        """Whether `llm serve` runs on Ray Serve (more than one replica, or autoscaled)."""
+        return self.replicas == "auto" or self.replicas > 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,7 +302,14 @@ def parse_profile(data: dict, where: str, base_dir: Path | None = None) -> Profi
                       for i, t in enumerate(data.get("upstreams", [])))
     profile = Profile(**built, models=models, upstreams=upstreams, description=data.get("description", ""))
     _check_names(profile, where)
+    _check_replicas(profile.distributed, where)
     return profile
+
+
+def _check_replicas(d: DistributedSection, where: str) -> None:
+    if d.min_replicas > d.max_replicas:
+        raise ProfileError(f"{where}: distributed.min_replicas: {d.min_replicas} is more than "
+                           f"distributed.max_replicas ({d.max_replicas})")
 
 
 def _model_entry(table: dict, where: str, label: str, engine: EngineSection, base_dir: Path | None,
@@ -380,6 +402,8 @@ def apply_overrides(profile: Profile, **flags: Any) -> Profile:
                 cleared = {b: _empty(current, b)} if a in table else {a: _empty(current, a)} if b in table else {}
                 current = dataclasses.replace(current, **cleared)
         updates[section] = build_section(type(current), table, where, section, Path.cwd(), current, EXCLUSIVE)
+    if "distributed" in updates:
+        _check_replicas(updates["distributed"], where)
     return dataclasses.replace(profile, **updates)
 
 

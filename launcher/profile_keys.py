@@ -45,7 +45,8 @@ def allowed(meta: dict) -> str:
              "str_list": "a list of strings", "int": "an integer", "float": "a number",
              "int_list": "a list of integers", "int_or_auto": "\"auto\" or an integer",
              "str_or_empty": "a string (may be empty)", "url": "an http(s) URL",
-             "pricing": "a table {input = USD, output = USD} per 1M tokens, each >= 0"}[kind]
+             "pricing": "a table {input = USD, output = USD} per 1M tokens, each >= 0",
+             "ray_address": "\"\" (a local Ray), \"auto\" or \"ray://host:port\""}[kind]
     if lo is not None or hi is not None:
         low = "" if lo is None else f"{'>' if meta['lo_open'] else '>='} {lo:g}"
         high = "" if hi is None else f"<= {hi:g}"
@@ -78,6 +79,7 @@ def check(value: Any, meta: dict, base_dir: Path | None) -> Any:
           "float": lambda v: number_ok(v, False),
           "int_list": lambda v: isinstance(v, (list, tuple)) and all(number_ok(i, True) for i in v),
           "int_or_auto": lambda v: v == "auto" or number_ok(v, True),
+          "ray_address": lambda v: isinstance(v, str) and (v in ("", "auto") or v.startswith("ray://")),
           "pricing": lambda v: (isinstance(v, dict) and set(v) <= {"input", "output"}
                                 and all(price_ok(x) for x in v.values()))}[kind]
     if not ok(value) or (meta["choices"] and value not in meta["choices"]):

@@ -28,24 +28,39 @@ def free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
-def serve(profile: Profile) -> int:
-    """Run the server for `profile` until it stops or we are signalled; returns the exit status."""
+def prepare_launch(profile: Profile) -> LaunchSpec | None:
+    """The LaunchSpec for `profile` (models resolved, port 0 replaced by a free one), its upstreams shown;
+    None after printing why it cannot be served."""
     from engine.weights import WeightsError, resolve_model
     from launcher.launch import build_launch, startup_lines
     try:
         spec = build_launch(profile, resolve_model)
     except (ProfileError, WeightsError, OSError, ValueError) as e:
         print(f"llm serve: {e}", file=sys.stderr)
-        return 1
+        return None
     if not spec.models and not spec.upstreams:
         print("llm serve: nothing to serve: [model] enabled = false, and no [[models]] or [[upstreams]]",
               file=sys.stderr)
-        return 1
+        return None
     for line in startup_lines(spec):
         print(line, file=sys.stderr, flush=True)
     if spec.settings.port == 0:
         spec = dataclasses.replace(spec, settings=dataclasses.replace(spec.settings,
                                                                       port=free_port(spec.settings.host)))
+    return spec
+
+
+def local_url(host: str, port: int) -> str:
+    """Where this machine reaches a server bound to host:port."""
+    host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
+def serve(profile: Profile) -> int:
+    """Run the server for `profile` until it stops or we are signalled; returns the exit status."""
+    spec = prepare_launch(profile)
+    if spec is None:
+        return 1
     with tempfile.TemporaryDirectory(prefix="llm-serve-") as tmp:
         status_file = str(Path(tmp) / "status")
         spec = dataclasses.replace(spec, settings=dataclasses.replace(spec.settings, status_file=status_file))
@@ -75,8 +90,7 @@ def _supervise(spec: LaunchSpec, spec_file: Path, status_file: Path) -> int:
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        host = "127.0.0.1" if settings.host in ("0.0.0.0", "", "::") else settings.host
-        url = f"http://{'[' + host + ']' if ':' in host else host}:{settings.port}"
+        url = local_url(settings.host, settings.port)
         ready = _wait_ready(child, url, stopping)
         if ready is not None:
             print(ready_line(spec, ready, url, time.monotonic() - started), flush=True)

@@ -194,7 +194,7 @@ def _routes(app: Sanic) -> None:
         models = state.registry.models
         stats = await asyncio.gather(*(m.client.stats() for m in models))
         text = render_metrics([(m.metrics, s) for m, s in zip(models, stats)], state.num_in_flight,
-                              state.http_requests)
+                              state.http_requests, state.settings.replica_id)
         return HTTPResponse(text, content_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/openapi.json")

@@ -63,7 +63,9 @@ def _fail(app: Sanic, message: str) -> None:
     if state.settings.status_file:
         Path(state.settings.status_file).write_text(message, encoding="utf-8")
     state.exit_code = 1
-    app.stop()
+    state.fatal_error = message
+    if state.settings.exit_on_engine_failure:
+        app.stop()
 
 
 async def _before_stop(app: Sanic) -> None:

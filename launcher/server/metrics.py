@@ -79,8 +79,9 @@ _ENGINE_METRICS = (
 
 
 def render(models: list[tuple[ModelMetrics, EngineStats]], num_in_flight: int,
-           http: Counter[tuple[str, int]]) -> str:
-    """The Prometheus text: each metric once, with one sample per model (its model_name label)."""
+           http: Counter[tuple[str, int]], replica_id: str = "") -> str:
+    """The Prometheus text: each metric once, with one sample per model (its model_name label); under Ray Serve
+    a replica_info gauge names the replica that answered."""
     lines: list[str] = []
 
     def header(name: str, kind: str, doc: str) -> str:
@@ -91,6 +92,9 @@ def render(models: list[tuple[ModelMetrics, EngineStats]], num_in_flight: int,
     for name, kind, doc, value in _ENGINE_METRICS:
         full = header(name, kind, doc)
         lines.extend(f"{full}{{{m.labels}}} {value(stats)}" for m, stats in models)
+    if replica_id:
+        full = header("replica_info", "gauge", "The Ray Serve replica these figures are from.")
+        lines.append(f'{full}{{replica_id="{_escape(replica_id)}"}} 1')
     full = header("num_requests_in_flight", "gauge", "HTTP generation requests being served.")
     lines.append(f"{full} {num_in_flight}")
     full = header("request_success_total", "counter", "Finished requests by finish reason.")

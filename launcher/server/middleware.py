@@ -58,6 +58,8 @@ async def _on_response(request: Request, response: HTTPResponse) -> None:
     settings = state.settings
     request_id = getattr(request.ctx, "request_id", None) or uuid.uuid4().hex
     response.headers["X-Request-Id"] = request_id
+    if settings.replica_id:   # which Ray Serve replica answered (the proxy in front hides it)
+        response.headers["X-LLM-Replica"] = settings.replica_id
     origin = request.headers.get("origin")
     if settings.cors_origins and origin:
         if "*" in settings.cors_origins:
@@ -69,7 +71,8 @@ async def _on_response(request: Request, response: HTTPResponse) -> None:
             response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
             response.headers["Access-Control-Allow-Headers"] = _CORS_HEADERS
             response.headers["Access-Control-Max-Age"] = "600"
-        response.headers["Access-Control-Expose-Headers"] = "X-Request-Id"
+        response.headers["Access-Control-Expose-Headers"] = "X-Request-Id, X-LLM-Replica" if settings.replica_id \
+            else "X-Request-Id"
     route = request.route.path if request.route else "(unmatched)"
     state.http_requests[("/" + route.lstrip("/"), response.status)] += 1
     if settings.log_requests:

@@ -27,6 +27,10 @@ class ServerSettings:
     max_stored_responses: int = 1000            # /v1/responses with store: the least recently used go past this
     persist_responses: bool = False             # stored responses also as JSON files in $LLM_HOME/responses
     max_audio_s: float = 600.0                  # longest clip the audio endpoints decode (and a realtime commit)
+    replica_id: str = ""                        # a Ray Serve replica's id: /metrics and an X-LLM-Replica header say it
+    # False under Ray Serve: a dead engine fails the replica's health check (Serve replaces the replica); stopping
+    # the server there would stop the event loop Serve itself runs on.
+    exit_on_engine_failure: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,7 @@ class ServerState:
         self.num_in_flight = 0
         self.shutting_down = False
         self.exit_code = 0
+        self.fatal_error: str | None = None    # why the server gave up (the engine failed to start, or died)
 
     @property
     def phase(self) -> str:
