@@ -7,51 +7,29 @@ import pytest
 
 from engine.config import EngineConfig
 from engine.loader import ModelFiles, load_tokenizer
-from engine.messages import EngineInfo, EngineStats, TokenOutput
-from engine.protocol import EngineClient
+from engine.messages import EngineInfo, TokenOutput
 from engine.sampling_params import SamplingParams
 from launcher.server.generation import EnginePrompt, Generation
 from launcher.server.served_model import ServedModel
 from launcher.server.settings import ModelSettings
+from tests.launcher.server.scripted_client import ScriptedClient
 
 
-class ScriptedEngine(EngineClient):
+class ScriptedEngine(ScriptedClient):
     """Answers every request with the same outputs: (sample index, text, finish reason) each."""
 
     def __init__(self, tokenizer, script: list[tuple[int, str, str | None]]):
+        super().__init__(EngineInfo("m", 2048, 1, 16, 16, "cpu", "float32", (), tokenizer.vocab_size, False, 0.0))
         self.tokenizer, self.script = tokenizer, script
         self.stopped: list[tuple[str, int]] = []
-        self._info = EngineInfo("m", 2048, 1, 16, 16, "cpu", "float32", (), tokenizer.vocab_size, False, 0.0)
-
-    phase = "ready"
-    error = None
-
-    @property
-    def info(self):
-        return self._info
-
-    async def start(self, on_phase=None):
-        return self._info
-
-    async def shutdown(self):
-        pass
 
     async def generate(self, request_id, prompt_token_ids, params):
         for index, text, finish in self.script:
             yield TokenOutput(request_id, index, self.tokenizer.encode(text, add_special_tokens=False),
                               finish_reason=finish)
 
-    def abort(self, request_id):
-        pass
-
     def stop_sample(self, request_id, index):
         self.stopped.append((request_id, index))
-
-    async def embed(self, request_id, inputs, pooling=None, normalize=True):
-        raise NotImplementedError
-
-    async def stats(self):
-        return EngineStats()
 
 
 @pytest.fixture(scope="module")

@@ -8,40 +8,24 @@ import numpy as np
 import pytest
 
 from engine.config import EngineConfig
-from engine.messages import EngineInfo, EngineStats, TranscribeRequest, TranscriptionOutput, TranscriptionSegment
-from engine.protocol import EngineClient
+from engine.messages import EngineInfo, TranscribeRequest, TranscriptionOutput, TranscriptionSegment
 from launcher.server.errors import APIError
 from launcher.server.served_model import ServedModel, load_server_tokenizer
 from launcher.server.settings import ModelSettings
 from launcher.server.transcription import Transcription, check_language, prompt_token_ids
+from tests.launcher.server.scripted_client import ScriptedClient
 
 TEXT = [" Hello", " world.", " How", " are", " you?"]
 
 
-class ScriptedSpeechEngine(EngineClient):
+class ScriptedSpeechEngine(ScriptedClient):
     """Answers every clip with the same outputs (built by `script(tokenizer)`); records whether its stream closed."""
 
     def __init__(self, outputs: list[TranscriptionOutput], languages=("en",)):
+        super().__init__(EngineInfo("w", 448, 1, 16, 16, "cpu", "float32", (50256,), 51864, False, 0.0,
+                                    is_speech_model=True, languages=languages))
         self.outputs = outputs
         self.closed = False
-        self._info = EngineInfo("w", 448, 1, 16, 16, "cpu", "float32", (50256,), 51864, False, 0.0,
-                                is_speech_model=True, languages=languages)
-
-    phase = "ready"
-    error = None
-
-    @property
-    def info(self):
-        return self._info
-
-    async def start(self, on_phase=None):
-        return self._info
-
-    async def shutdown(self):
-        pass
-
-    async def generate(self, request_id, prompt_token_ids, params):
-        raise NotImplementedError
 
     async def transcribe(self, request):
         try:
@@ -49,18 +33,6 @@ class ScriptedSpeechEngine(EngineClient):
                 yield out
         finally:
             self.closed = True
-
-    def abort(self, request_id):
-        pass
-
-    def stop_sample(self, request_id, index):
-        pass
-
-    async def embed(self, request_id, inputs, pooling=None, normalize=True):
-        raise NotImplementedError
-
-    async def stats(self):
-        return EngineStats()
 
 
 @pytest.fixture(scope="module")
