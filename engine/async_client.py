@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 
 from engine.config import EngineConfig
 from engine.core_process import EngineProcess
+from engine.multimodal import ImageInput
 from engine.messages import (AbortRequests, AddRequest, EmbedOutput, EmbedRequest, EngineFatal, EngineInfo,
                              EngineStats, FromCore, PhaseUpdate, StatsRequest, StepOutputs, StopSample, ToCore,
                              TokenOutput, TranscribeRequest, TranscriptionOutput)
@@ -133,15 +134,15 @@ class AsyncEngineClient(EngineClient):
         with self._send_lock:
             self._process.send(msg)
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[TokenOutput]:
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
+                       images: tuple[ImageInput, ...] = ()) -> AsyncIterator[TokenOutput]:
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in flight")
         queue: asyncio.Queue[TokenOutput | EngineDeadError] = asyncio.Queue()
         self._queues[request_id] = queue
         remaining = params.n
         try:
-            self._send(AddRequest(request_id, list(prompt_token_ids), params, time.monotonic()))
+            self._send(AddRequest(request_id, list(prompt_token_ids), params, time.monotonic(), tuple(images)))
             while remaining:
                 out = await queue.get()
                 if isinstance(out, EngineDeadError):

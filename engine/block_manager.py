@@ -5,15 +5,16 @@ import hashlib
 from array import array
 from collections import OrderedDict
 
+from engine.multimodal import block_image_keys
 from engine.sequence import Sequence
 
 
-def hash_block(parent_hash: bytes, token_ids: list[int]) -> bytes:
+def hash_block(parent_hash: bytes, token_ids: list[int], image_keys: bytes = b"") -> bytes:
     """Chained hash of one full block: it names the whole prefix, not only this block's tokens.
 
     sha256 rather than Python's hash(): a crafted collision would hand one user another's KV.
     """
-    return hashlib.sha256(parent_hash + array("q", token_ids).tobytes()).digest()
+    return hashlib.sha256(parent_hash + array("q", token_ids).tobytes() + image_keys).digest()
 
 
 class BlockManager:
@@ -64,7 +65,9 @@ class BlockManager:
         hashes, bs, token_ids = seq.block_hashes, self.block_size, seq.all_token_ids
         while len(hashes) < num_full_blocks:
             i = len(hashes)
-            hashes.append(hash_block(hashes[-1] if i else b"", token_ids[i * bs:(i + 1) * bs]))
+            # a block over image placeholders is named by the images too (their ids are all the same token)
+            keys = block_image_keys(seq.images, i * bs, (i + 1) * bs) if seq.images else b""
+            hashes.append(hash_block(hashes[-1] if i else b"", token_ids[i * bs:(i + 1) * bs], keys))
 
     def _match_prefix_blocks(self, seq: Sequence) -> list[int]:
         """Cached blocks holding the longest prefix of seq, leaving at least one token to compute."""

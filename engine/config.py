@@ -21,11 +21,22 @@ ARCHITECTURES: dict[str, str] = {
     # Sequence classifiers over our decoders (engine/models/sequence_classification.py adds the head).
     "LlamaForSequenceClassification": "llama",
     "Qwen2ForSequenceClassification": "qwen2",
+    # Vision-language models: a vision encoder beside one of our decoders (ModelConfig.vision holds its part).
+    "LlavaForConditionalGeneration": "llava",
+    "Qwen2VLForConditionalGeneration": "qwen2_vl",
+    "Qwen2_5_VLForConditionalGeneration": "qwen2_vl",
 }
 MODEL_TYPES: dict[str, str] = {
     "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM", "bert": "BertModel",
+    "qwen3": "Qwen3ForCausalLM", "bert": "BertModel", "llava": "LlavaForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
 }
+VISION_FAMILIES = ("llava", "qwen2_vl")
+# transformers' LlamaConfig defaults, for the keys a LLaVA file's text_config may leave out
+_LLAMA_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+    "bos_token_id": 1, "eos_token_id": 2}
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +69,15 @@ class ModelConfig:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     torch_dtype: str                     # dtype the checkpoint was saved in ('float32', 'bfloat16', ...)
+    # A vision-language model's config.json as given (its vision_config, image token, projector keys); the
+    # fields above describe its language model (text_config). None: a text-only model.
+    vision: dict | None = None
+    image_token_id: int | None = None    # the prompt's image placeholder token (vision models)
+    mrope_section: tuple[int, ...] | None = None   # Qwen2-VL: rotary frequencies per t/h/w position (sum: head_dim/2)
+
+    @property
+    def is_vision_model(self) -> bool:
+        return self.vision is not None
 
     @property
     def is_embedding_model(self) -> bool:
@@ -74,6 +94,15 @@ class ModelConfig:
             raise ConfigError(f"{source}: unsupported architecture {name!r}; "
                               f"supported: {', '.join(sorted(ARCHITECTURES))}")
         family = ARCHITECTURES[arch]
+        top = raw
+        if family in VISION_FAMILIES:
+            # the language model's keys: text_config (newer files), else the top level (older Qwen2-VL files)
+            text = top.get("text_config") or {}
+            # hub LLaVA files give a sparse text_config: transformers fills in LlamaConfig's defaults
+            defaults = _LLAMA_DEFAULTS if family == "llava" and text.get("model_type", "llama") == "llama" else {}
+            raw = {**defaults, **{k: v for k, v in top.items() if k not in ("vision_config", "text_config")}, **text}
+            if not isinstance(top.get("vision_config"), dict):
+                raise ConfigError(f"{source}: a {arch} config needs a 'vision_config' object")
         required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads"]
         missing = [k for k in required if k not in raw]
@@ -100,11 +129,12 @@ class ModelConfig:
             rope_scaling=_rope_scaling(raw, source),
             max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            attention_bias=bool(raw.get("attention_bias", family == "qwen2")),
+            attention_bias=bool(raw.get("attention_bias", family in ("qwen2", "qwen2_vl"))),
             qk_norm=family == "qwen3",
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
             torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
+            **(_vision_fields(top, raw, source) if family in VISION_FAMILIES else {}),
         )
 
     @classmethod
@@ -121,12 +151,21 @@ class ModelConfig:
         return cls.from_hf_dict(raw, str(path))
 
 
+def _vision_fields(top: dict[str, Any], text: dict[str, Any], source: str) -> dict[str, Any]:
+    image_token = top.get("image_token_id", top.get("image_token_index"))
+    if not isinstance(image_token, int):
+        raise ConfigError(f"{source}: a vision-language config needs 'image_token_id' (or 'image_token_index')")
+    rs = text.get("rope_scaling") or text.get("rope_parameters") or {}
+    section = rs.get("mrope_section")
+    return dict(vision=top, image_token_id=image_token, mrope_section=tuple(section) if section else None)
+
+
 def _rope_scaling(raw: dict[str, Any], source: str) -> RopeScaling | None:
     rs = raw.get("rope_scaling") or raw.get("rope_parameters")
     if not rs:
         return None
     rope_type = rs.get("rope_type") or rs.get("type") or "default"
-    if rope_type == "default":
+    if rope_type in ("default", "mrope"):   # mrope: ModelConfig.mrope_section says how positions split
         return None
     if rope_type not in ("llama3", "linear", "dynamic"):
         raise ConfigError(f"{source}: unsupported rope_scaling type {rope_type!r}; "
@@ -174,4 +213,5 @@ class EngineConfig:
     cpu_kernels: bool = True                 # on CPU: C kernels (kernels/cpu_kernels.c), GGUF 4/8-bit weights packed
     cpu_float_copies: bool | None = None     # keep float32 copies of packed weights (None: if they fit 1/4 of RAM)
     tensor_parallel_size: int = 1            # ranks splitting each layer (engine/tp_worker.py); 1: one process
+    limit_images_per_prompt: int = 8         # vision models: the most images one prompt may hold
     distributed_backend: str = "auto"        # torch.distributed backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo

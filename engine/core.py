@@ -65,6 +65,8 @@ class EngineCore:
         max_model_len = initial_max_model_len(config, model_config)
         self.tp = None   # engine.tp_worker.TensorParallelGroup: the other ranks, with tensor_parallel_size > 1
         if config.tensor_parallel_size > 1:
+            if model_config.is_vision_model:
+                raise StartupError("vision-language models are not served with tensor_parallel_size > 1 yet")
             from engine.tp_worker import TensorParallelGroup
             self.tp = TensorParallelGroup.start(config, model_config, self.device)
         try:
@@ -93,7 +95,8 @@ class EngineCore:
             device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
             eos_token_ids=tuple(sorted(self.eos_token_ids)), vocab_size=model_config.vocab_size,
             is_embedding_model=False, load_seconds=time.monotonic() - start,
-            default_sampling=self.default_sampling)
+            default_sampling=self.default_sampling, is_vision_model=model_config.is_vision_model,
+            limit_images_per_prompt=config.limit_images_per_prompt if model_config.is_vision_model else 0)
 
     def _build_runner(self, config: EngineConfig, files: ModelFiles, max_model_len: int,
                       on_phase: Callable[[str], None]) -> None:
@@ -148,7 +151,7 @@ class EngineCore:
                 return [TokenOutput(rid, i, [], finish_reason="error", error=f"structured outputs: {e}",
                                     num_prompt_tokens=len(request.prompt_token_ids))
                         for i in range(params.n)]
-        samples = [_Sample(rid, i, Sequence(f"{rid}#{i}", request.prompt_token_ids, params, request.arrival_time),
+        samples = [_Sample(rid, i, self._sequence(f"{rid}#{i}", request),
                            None if params.seed is None else make_generator(params.seed + i, self.device), matchers[i])
                    for i in range(params.num_samples)]
         for sample in samples:
@@ -156,6 +159,13 @@ class EngineCore:
             self._samples[sample.seq.seq_id] = sample
         self.requests[rid] = _RequestState(request, samples)
         return []
+
+    def _sequence(self, seq_id: str, request: AddRequest) -> Sequence:
+        seq = Sequence(seq_id, request.prompt_token_ids, request.params, request.arrival_time, request.images)
+        if getattr(self.model, "uses_mrope", False):
+            seq.mrope_positions, seq.mrope_delta = self.model.prompt_rope_positions(request.prompt_token_ids,
+                                                                                    request.images)
+        return seq
 
     def _structured_backend(self):
         if self._structured is None:
@@ -313,12 +323,14 @@ class EngineCore:
         return decoder_embed_request(self, request)
 
     def stats(self) -> EngineStats:
-        return EngineStats(self.scheduler.stats(), self.num_requests_finished)
+        images = getattr(self.runner, "encoder_cache", None)
+        return EngineStats(self.scheduler.stats(), self.num_requests_finished,
+                           images.num_encoded if images else 0, images.num_hits if images else 0)
 
 
 def _accepts(request: AddRequest, info: EngineInfo) -> bool:
     try:
-        check_request(request.prompt_token_ids, request.params.max_tokens, info)
+        check_request(request.prompt_token_ids, request.params.max_tokens, info, images=request.images)
     except InvalidRequest:
         return False
     return True

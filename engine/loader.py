@@ -154,8 +154,11 @@ def load_model(files: ModelFiles, config: ModelConfig, dtype: torch.dtype, devic
     from engine.models.layers import rope_cos_sin_cache
     from kernels import get_ops
     cls = model_class(config.family)
-    with torch.device("meta"):
-        model = cls(config, get_ops(device.type, cpu_kernels), max_positions, **({"tp": tp} if tp else {}))
+    try:
+        with torch.device("meta"):
+            model = cls(config, get_ops(device.type, cpu_kernels), max_positions, **({"tp": tp} if tp else {}))
+    except ValueError as e:   # a config the model cannot be built from (a vision tower's unknown activation ...)
+        raise LoadError(f"{files.path}: {e}") from None
     skipped: set[str] = set()
     if device.type == "cpu" and cpu_kernels and files.format == "gguf" and dtype == torch.float32:
         # Packed before the float parameters exist, so that layers left packed-only never allocate them.
@@ -170,6 +173,8 @@ def load_model(files: ModelFiles, config: ModelConfig, dtype: torch.dtype, devic
     # Buffers computed at construction (the rotary table) were lost on meta: compute them for real.
     model.cos_sin_cache = rope_cos_sin_cache(config.head_dim, config.rope_theta, config.rope_scaling,
                                              max_positions, _rope_freq_factors(files)).to(device)
+    if hasattr(model, "init_buffers"):   # a vision tower's own computed buffers (its rotary, position ids)
+        model.init_buffers(device)
     try:
         model.load_weights(iter_weights(files, dtype, skip=skipped), str(files.path))
     except ValueError as e:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.multimodal import ImageInput
 from engine.sampling_params import SamplingParams
 from engine.stats import SchedulerStats
 
@@ -22,6 +23,7 @@ class AddRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float
+    images: tuple[ImageInput, ...] = ()  # the prompt's images, placeholders expanded (vision models)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +116,8 @@ class EngineInfo:
     is_speech_model: bool = False         # a speech-to-text model (Whisper): serves TranscribeRequests only
     languages: tuple[str, ...] = ()       # a speech model's input languages (ISO 639-1), ('en',) for English-only
     can_translate: bool = False           # a speech model that translates speech to English (multilingual ones)
+    is_vision_model: bool = False         # takes images in prompts (AddRequest.images)
+    limit_images_per_prompt: int = 0      # the most images one prompt may hold (vision models)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +186,8 @@ class EngineStats:
     """A snapshot for /metrics: the scheduler's figures and what the core counts itself."""
     scheduler: SchedulerStats = field(default_factory=SchedulerStats)
     num_requests_finished: int = 0
+    num_images_encoded: int = 0          # vision models: images run through the vision encoder
+    num_image_cache_hits: int = 0        # images whose embeddings the encoder cache already held
 
 
 @dataclass(frozen=True, slots=True)

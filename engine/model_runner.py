@@ -14,7 +14,9 @@ from engine.config import EngineConfig, ModelConfig
 from engine.cuda_graph import DecodeGraphs, GraphCaptureStats, graph_batch_sizes, table_width
 from engine.models.parallel import SINGLE, TensorParallel
 from engine.scheduler import Batch
-from engine.step_plan import PromptLogprobSpan, StepPlan, padded_table
+from engine.encoder_cache import EncoderCache
+from engine.multimodal import MultimodalInputs
+from engine.step_plan import ImagePiece, PromptLogprobSpan, StepPlan, padded_table
 
 log = logging.getLogger("llm.engine")
 
@@ -57,6 +59,9 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None   # set by use_decode_graphs
         self._decode_width = table_width(max_model_len, block_size) if max_model_len else 0
         self._decode_rows_staged: BlockTableRows | None = None
+        self.uses_mrope = bool(getattr(model, "uses_mrope", False))
+        # vision models: image embeddings by content hash (engine/encoder_cache.py)
+        self.encoder_cache = EncoderCache(model.encode_images) if config.is_vision_model else None
 
     @staticmethod
     def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype,
@@ -98,7 +103,8 @@ class ModelRunner:
                  autotune_seconds)
         stats = None
         # NOTE: graphs replay on rank 0 alone; the other ranks would have to replay theirs in step
-        if config.cuda_graphs and sizes and self.tp.size == 1:
+        # NOTE: the graphs take a decode token's rotary position to be its index, which Qwen2-VL's is not
+        if config.cuda_graphs and sizes and self.tp.size == 1 and not self.uses_mrope:
             on_phase("capturing CUDA graphs")
             stats = self.use_decode_graphs(sizes, max_model_len)
             log.info("captured %d decode graphs (batch %d..%d) in %.2fs holding %.0f MiB", len(sizes), sizes[0],
@@ -144,8 +150,25 @@ class ModelRunner:
             dev, plan.slot_mapping, torch.from_numpy(plan.decode_block_tables).to(dev),
             plan.decode_context_lens.tolist(), torch.from_numpy(plan.prefill_block_tables).to(dev),
             plan.prefill_query_lens.tolist(), plan.prefill_context_lens.tolist())
+        mm = self._multimodal(plan) if plan.image_pieces or plan.mrope_positions is not None else None
         return self.model(torch.from_numpy(plan.input_ids).to(dev), torch.from_numpy(plan.positions).to(dev),
-                          self.kv_caches, meta)
+                          self.kv_caches, meta, **({"mm": mm} if mm is not None else {}))
+
+    def _multimodal(self, plan: StepPlan) -> MultimodalInputs:
+        """The step's image embeddings (the images it reaches encoded in one batch, unless cached) and
+        rotary positions."""
+        dev = self.device
+        indices, embeds = [], []
+        if plan.image_pieces:
+            encoded = self.encoder_cache.embeddings([p.image for p in plan.image_pieces])
+            for p in plan.image_pieces:
+                indices.append(torch.arange(p.flat_start, p.flat_start + p.count))
+                embeds.append(encoded[p.image.content_hash][p.image_start:p.image_start + p.count])
+        hidden = self.config.hidden_size
+        return MultimodalInputs(
+            torch.cat(indices).to(dev) if indices else torch.zeros(0, dtype=torch.int64, device=dev),
+            torch.cat(embeds) if embeds else torch.zeros(0, hidden, device=dev),
+            None if plan.mrope_positions is None else torch.from_numpy(plan.mrope_positions).to(dev))
 
     def _decode_rows(self, num_rows: int) -> BlockTableRows:
         """The staged decode-row tables, at least num_rows rows of the fixed width (see __init__)."""
@@ -167,6 +190,8 @@ class ModelRunner:
         spans: list[PromptLogprobSpan] = []
         span_indices: list[int] = []
         staged = self._decode_rows(batch.num_decodes) if self._decode_width and batch.num_decodes else None
+        image_pieces: list[ImagePiece] = []
+        mrope: list[np.ndarray] | None = [] if self.uses_mrope else None
         decode_tables, decode_slots = [], []
         for row, s in enumerate(batch.seqs):
             seq = s.seq
@@ -190,6 +215,8 @@ class ModelRunner:
                     decode_slots.append(table[s.start // bs] * bs + s.start % bs)
                     decode_tables.append(table)
                 decode_lens.append(end)
+                if mrope is not None:
+                    mrope.append(_mrope_rows(seq, s.start, end))
             else:
                 pos = np.arange(s.start, end, dtype=np.int64)
                 positions.append(pos)
@@ -197,6 +224,12 @@ class ModelRunner:
                 prefill_tables.append(table)
                 prefill_query_lens.append(s.num_tokens)
                 prefill_lens.append(end)
+                for image in seq.images:
+                    lo, hi = max(image.offset, s.start), min(image.end, end)
+                    if lo < hi:
+                        image_pieces.append(ImagePiece(first + lo - s.start, image, lo - image.offset, hi - lo))
+                if mrope is not None:
+                    mrope.append(_mrope_rows(seq, s.start, end))
             if s.sample:
                 logits_indices.append(len(input_ids) - 1)
                 sample_rows.append(row)
@@ -224,7 +257,22 @@ class ModelRunner:
             logits_indices=np.asarray(logits_indices, dtype=np.int64),
             sample_rows=tuple(sample_rows),
             prompt_logprob_spans=tuple(spans),
-            prompt_logprob_indices=np.asarray(span_indices, dtype=np.int64))
+            prompt_logprob_indices=np.asarray(span_indices, dtype=np.int64),
+            image_pieces=tuple(image_pieces),
+            mrope_positions=np.concatenate(mrope, axis=1) if mrope else None)
+
+
+def _mrope_rows(seq, start: int, end: int) -> np.ndarray:
+    """[3, end - start] Qwen2-VL rotary positions of tokens [start, end): the prompt's as the core computed
+    them, then i + delta on all three for a token i past the prompt."""
+    num_prompt = seq.num_prompt_tokens
+    parts = []
+    if start < num_prompt:
+        parts.append(seq.mrope_positions[:, start:min(end, num_prompt)])
+    if end > num_prompt:
+        parts.append(np.broadcast_to(np.arange(max(start, num_prompt), end, dtype=np.int64) + seq.mrope_delta,
+                                     (3, end - max(start, num_prompt))))
+    return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
 
 
 def _concat(parts: list[np.ndarray]) -> np.ndarray:

@@ -10,6 +10,7 @@ import abc
 from collections.abc import AsyncIterator, Callable
 
 from engine.messages import EmbedOutput, EngineInfo, EngineStats, TokenOutput, TranscribeRequest, TranscriptionOutput
+from engine.multimodal import ImageInput
 from engine.sampling_params import SamplingParams
 
 
@@ -50,9 +51,10 @@ class EngineClient(abc.ABC):
         """Stop the engine; requests still running get an 'abort' output."""
 
     @abc.abstractmethod
-    def generate(self, request_id: str, prompt_token_ids: list[int],
-                 params: SamplingParams) -> AsyncIterator[TokenOutput]:
-        """Stream a request's outputs (all n samples interleaved) until every sample finishes. Leaving the
+    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
+                 images: tuple[ImageInput, ...] = ()) -> AsyncIterator[TokenOutput]:
+        """Stream a request's outputs (all n samples interleaved) until every sample finishes (images: a
+        vision model's, engine.multimodal). Leaving the
         iteration early aborts the request; a dead engine raises EngineDeadError."""
 
     @abc.abstractmethod

@@ -4,6 +4,9 @@ from __future__ import annotations
 import enum
 import time
 
+import numpy as np
+
+from engine.multimodal import ImageInput
 from engine.sampling_params import SamplingParams
 
 
@@ -42,11 +45,11 @@ class Sequence:
     __slots__ = (
         "seq_id", "prompt_token_ids", "output_token_ids", "params", "status", "num_computed_tokens",
         "num_cached_tokens", "block_table", "block_hashes", "arrival_time", "finish_reason",
-        "stop_token_id", "_token_ids",
+        "stop_token_id", "_token_ids", "images", "mrope_positions", "mrope_delta",
     )
 
     def __init__(self, seq_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 arrival_time: float | None = None):
+                 arrival_time: float | None = None, images: tuple[ImageInput, ...] = ()):
         self.seq_id = seq_id
         self.prompt_token_ids: list[int] = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
@@ -63,6 +66,11 @@ class Sequence:
         self.stop_token_id: int | None = None  # the eos / stop token id that finished it, if any
         # prompt + output in one list, so the runner reads all ids without a copy per step
         self._token_ids: list[int] = list(prompt_token_ids)
+        self.images = images              # the prompt's images, in prompt order (vision models)
+        # Qwen2-VL's t/h/w rotary positions of the prompt [3, P] (set by the core); a token i past the
+        # prompt has all three at i + mrope_delta
+        self.mrope_positions: np.ndarray | None = None
+        self.mrope_delta = 0
 
     @property
     def num_tokens(self) -> int:

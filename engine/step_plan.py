@@ -7,6 +7,16 @@ from typing import NamedTuple
 
 import numpy as np
 
+from engine.multimodal import ImageInput
+
+
+class ImagePiece(NamedTuple):
+    """Placeholder tokens of one image that this step computes (a prefill chunk may cover part of one)."""
+    flat_start: int        # the step's flat token row of the first of them
+    image: ImageInput
+    image_start: int       # which of the image's embeddings goes there
+    count: int
+
 
 class PromptLogprobSpan(NamedTuple):
     """Positions of one batch row whose logits give its prompt logprobs."""
@@ -34,6 +44,8 @@ class StepPlan:
     sample_rows: tuple[int, ...]         # the batch row of each sampling row
     prompt_logprob_spans: tuple[PromptLogprobSpan, ...]
     prompt_logprob_indices: np.ndarray   # [P] hidden rows of the spans, in span order
+    image_pieces: tuple[ImagePiece, ...] = ()   # vision models: the image embeddings the step's tokens take
+    mrope_positions: np.ndarray | None = None   # [3, T] Qwen2-VL's rotary positions (None: `positions`)
 
     def for_workers(self) -> "StepPlan":
         """The plan without rank 0's sampling parts (the other ranks compute no logits)."""

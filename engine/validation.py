@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from engine.messages import EngineInfo
+from engine.multimodal import ImageInput
 
 
 class InvalidRequest(ValueError):
@@ -31,8 +32,9 @@ def check_context_length(num_prompt_tokens: int, max_tokens: int | None, max_mod
 
 
 def check_request(prompt_token_ids: Sequence[int], max_tokens: int | None, info: EngineInfo,
-                  param: str = "prompt") -> None:
-    """A generation request for this engine: a non-empty prompt of known ids that fits the context."""
+                  param: str = "prompt", images: Sequence[ImageInput] = ()) -> None:
+    """A generation request for this engine: a non-empty prompt of known ids that fits the context, and
+    images only for a vision model, no more than it allows, each over its own span of the prompt."""
     if info.is_embedding_model:
         raise InvalidRequest(f"the model `{info.model_name}` is an embedding model: it does not generate text",
                              "model", "model_not_supported")
@@ -41,6 +43,21 @@ def check_request(prompt_token_ids: Sequence[int], max_tokens: int | None, info:
     if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= info.vocab_size:
         raise InvalidRequest(f"prompt token ids must be in [0, {info.vocab_size})", param)
     check_context_length(len(prompt_token_ids), max_tokens, info.max_model_len, param)
+    if images:
+        check_images(images, len(prompt_token_ids), info, param)
+
+
+def check_images(images: Sequence[ImageInput], num_prompt_tokens: int, info: EngineInfo, param: str) -> None:
+    if not info.is_vision_model:
+        raise InvalidRequest(f"the model `{info.model_name}` does not take images", param, "model_not_supported")
+    if len(images) > info.limit_images_per_prompt:
+        raise InvalidRequest(f"{len(images)} images in one prompt; this model takes at most "
+                             f"{info.limit_images_per_prompt} (engine.limit_images_per_prompt)", param, "too_many_images")
+    end = 0
+    for image in images:
+        if image.offset < end or image.num_tokens <= 0 or image.end > num_prompt_tokens:
+            raise InvalidRequest("image placeholders must be disjoint spans of the prompt, in order", param)
+        end = image.end
 
 
 class InputTooLongError(InvalidRequest):

@@ -9,6 +9,7 @@ from torch import nn
 
 from engine.attention import AttentionMetadata
 from engine.config import ModelConfig
+from engine.multimodal import MultimodalInputs
 from engine.models.layers import DecoderLayer, RMSNorm, linear, rope_cos_sin_cache
 from engine.models.parallel import SINGLE, TensorParallel, shard_quantized, shard_tensor
 from kernels.cpu_quant import QuantizedTensor, cat_rows, pack
@@ -41,14 +42,29 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("cos_sin_cache", cos_sin, persistent=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions: [T] -> final hidden states [T, H]."""
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
+                mm: MultimodalInputs | None = None) -> torch.Tensor:
+        """input_ids, positions: [T] -> final hidden states [T, H].
+
+        mm: a vision-language model's image embeddings, written over their placeholder tokens' embeddings,
+        and its rotary positions (rotary_table)."""
         x = self.embed_tokens(input_ids)
+        cos_sin = self.cos_sin_cache
+        if mm is not None:
+            if mm.embeds.shape[0]:
+                x = x.index_copy(0, mm.embed_indices, mm.embeds.to(x.dtype))
+            if mm.mrope_positions is not None:
+                cos_sin, positions = self.rotary_table(mm.mrope_positions)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x, residual = layer.forward(positions, x, residual, self.cos_sin_cache, kv_cache, meta)
+            x, residual = layer.forward(positions, x, residual, cos_sin, kv_cache, meta)
         x, _ = self.norm.forward(x, residual)
         return x
+
+    def rotary_table(self, mrope_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Multimodal rotary (Qwen2-VL): a per-token cos/sin table [T, D] and the positions into it (0..T-1),
+        so the one rotary kernel serves both. Families without it never get mrope_positions."""
+        raise NotImplementedError(f"{type(self).__name__} has no multimodal rotary positions")
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return linear(hidden, self.embed_tokens if self.lm_head is None else self.lm_head).float()

@@ -21,7 +21,7 @@ class ScriptedClient(EngineClient):
     async def shutdown(self):
         pass
 
-    async def generate(self, request_id, prompt_token_ids, params):
+    async def generate(self, request_id, prompt_token_ids, params, *, images=()):
         raise NotImplementedError
         yield   # an async generator, as the interface's callers iterate it
 

@@ -23,7 +23,7 @@ class ScriptedEngine(ScriptedClient):
         self.tokenizer, self.script = tokenizer, script
         self.stopped: list[tuple[str, int]] = []
 
-    async def generate(self, request_id, prompt_token_ids, params):
+    async def generate(self, request_id, prompt_token_ids, params, *, images=()):
         for index, text, finish in self.script:
             yield TokenOutput(request_id, index, self.tokenizer.encode(text, add_special_tokens=False),
                               finish_reason=finish)
