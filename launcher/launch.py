@@ -7,9 +7,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from engine.config import EngineConfig
+from engine.weights import is_offline
 from launcher.profile import ModelEntry, Profile, UpstreamSection, engine_kwargs
 from launcher.providers import ALIASES, AZURE_DEFAULT_API_VERSION, PROVIDERS, provider
-from launcher.server.settings import LaunchSpec, ModelSettings, ServerSettings, UpstreamSettings
+from launcher.server.settings import LaunchSpec, MediaSettings, ModelSettings, ServerSettings, UpstreamSettings
 
 Resolver = Callable[..., Path]   # engine.weights.resolve_model's shape
 
@@ -23,7 +24,10 @@ def build_launch(profile: Profile, resolve: Resolver, environ: Mapping[str, str]
         max_queued_requests=s.max_queued_requests, request_timeout_s=s.request_timeout_s,
         log_requests=s.log_requests, max_loaded_models=s.max_loaded_models,
         max_stored_responses=s.max_stored_responses, persist_responses=s.persist_responses,
-        max_audio_s=s.max_audio_s)
+        max_audio_s=s.max_audio_s, media=MediaSettings(
+            allowed_dirs=tuple(s.allowed_media_dirs), max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels,
+            fetch_timeout_s=s.media_fetch_timeout_s,
+            offline=is_offline(any(e.model.offline for e in profile.local_models))))
     models = tuple(_model_settings(profile, entry, resolve) for entry in profile.local_models)
     upstreams = [upstream_settings(u, environ) for u in profile.upstreams]
     gateway = gateway_upstream(environ)

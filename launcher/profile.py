@@ -78,6 +78,8 @@ class EngineSection:
     cuda_graph_sizes: tuple[int, ...] = key((), "batch sizes to capture; empty: 1, 2, 4, 8 then steps of "
                                              "8 up to max_num_seqs", "int_list", lo=1)
     seed: int = key(0, "seed for requests that set none", "int", lo=0)
+    limit_images_per_prompt: int = key(8, "vision models: the most images one prompt may hold; more is a 400",
+                                       "int", lo=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +148,14 @@ class ServerSection:
     max_audio_s: float = key(600.0, "longest audio clip a speech model is given (a /v1/audio/* upload, one "
                              "/v1/realtime commit); longer is a 400. 600 s keeps one clip at 38 MB of 16 kHz "
                              "float32 samples and 20 Whisper windows", "float", lo=0.0, lo_open=True)
+    allowed_media_dirs: tuple[str, ...] = key((), "folders whose images a request may name as file:// URLs "
+                                              "(symlinks resolved first); empty: no file:// URLs", "str_list")
+    max_image_bytes: int = key(20 * 1024 * 1024, "largest image a request may send or name (a data: URL, a file, "
+                               "an http download); larger is a 400", "int", lo=1024)
+    max_image_pixels: int = key(32 * 1024 * 1024, "images with more pixels are refused before decoding (a "
+                                "small PNG can claim a huge canvas)", "int", lo=1)
+    media_fetch_timeout_s: float = key(10.0, "time limit for downloading one http(s) image URL", "float",
+                                       lo=0.0, lo_open=True)
 
     def resolve_api_keys(self, environ: dict[str, str] | None = None) -> tuple[str, ...]:
         """The keys to accept: api_keys, or those in $api_key_env (an unset variable is an error)."""
@@ -260,7 +270,8 @@ def engine_kwargs(profile: Profile, entry: ModelEntry | None = None) -> dict[str
               "cpu_kernels": profile.kernels.cpu_kernels,
               "cpu_float_copies": profile.kernels.cpu_float_copies,
               "tensor_parallel_size": profile.distributed.tensor_parallel_size,
-              "distributed_backend": profile.distributed.backend}
+              "distributed_backend": profile.distributed.backend,
+              "limit_images_per_prompt": e.limit_images_per_prompt}
     return {k: v for k, v in kwargs.items() if v is not None}
 
 

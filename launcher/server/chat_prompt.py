@@ -43,17 +43,24 @@ def _for_template(message: dict, content_format: str) -> dict:
     content = message.get("content")
     if content_format == "string":
         if isinstance(content, list):
+            if any(part["type"] == "image" for part in content):
+                raise bad_request("this model's chat template takes string contents, so it cannot place images; "
+                                  "set model.chat_template_content_format = 'openai' with a template that renders "
+                                  "image parts", "messages")
             content = "\n".join(part["text"] for part in content)
         elif content is None:
             content = ""   # templates concatenate strings; an assistant turn with only tool calls has none
     elif isinstance(content, str):
         content = [{"type": "text", "text": content}]
+    elif isinstance(content, list):
+        # the template sees {"type": "image"} (HF's shape) and writes the model's placeholder for it
+        content = [{"type": "image"} if part["type"] == "image" else part for part in content]
     return {**message, "content": content}
 
 
 def _cut_after_final(text: str, final: str | list) -> str:
     """Drop what the template appends after the last message (end-of-turn), so generation continues it."""
     if isinstance(final, list):
-        final = "".join(p["text"] for p in final)
+        final = "".join(p.get("text", "") for p in final)
     at = text.rfind(final) if final else -1
     return text[:at + len(final)] if at >= 0 else text

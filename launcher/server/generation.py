@@ -17,6 +17,7 @@ from engine.messages import TokenLogprob, TokenOutput
 from engine.output_processor import GenerationError, OutputProcessor, SampleDelta, SampleState
 from engine.protocol import EngineDeadError
 from engine.sampling_params import SamplingParams
+from engine.multimodal import ImageInput
 from engine.validation import InvalidRequest, check_request
 from launcher.server.errors import APIError
 from launcher.server.responses import usage
@@ -32,6 +33,7 @@ class EnginePrompt:
     """One prompt of a request, ready for the engine: its token ids and final sampling params."""
     token_ids: list[int]
     params: SamplingParams
+    images: tuple[ImageInput, ...] = ()   # a vision model's images, placeholders expanded in token_ids
 
 
 class Generation:
@@ -43,7 +45,7 @@ class Generation:
         # score_only: an echo request with max_tokens 0 — the engine samples one token, which is dropped.
         for p in prompts:
             try:
-                check_request(p.token_ids, p.params.max_tokens, model.info, param)
+                check_request(p.token_ids, p.params.max_tokens, model.info, param, p.images)
             except InvalidRequest as e:
                 raise APIError(400, str(e), param=e.param, code=e.code) from None
         self.model = model
@@ -64,7 +66,8 @@ class Generation:
         """Every output as a delta of its choice, until all choices have finished (a stop string may end
         a choice before the engine does: leaving then aborts what the engine still runs)."""
         client = self.model.client
-        streams = [client.generate(rid, p.token_ids, p.params) for rid, p in zip(self._engine_ids, self.prompts)]
+        streams = [client.generate(rid, p.token_ids, p.params, images=p.images)
+                   for rid, p in zip(self._engine_ids, self.prompts)]
         async with contextlib.aclosing(merge_outputs(streams, self._timeout_s)) as outputs:
             async for out in outputs:
                 delta = self._processor.process(out)

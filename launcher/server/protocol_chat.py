@@ -132,12 +132,32 @@ def _content(content: Any, where: str, role: str, has_tool_calls: bool) -> str |
             if not isinstance(text, str):
                 raise bad_request(f"'{where}[{j}].text' must be a string", f"{where}[{j}].text")
             parts.append({"type": "text", "text": text})
-        elif kind in ("image_url", "input_image", "input_audio", "file", "video_url", "audio_url"):
-            raise bad_request(f"'{where}[{j}]': this model accepts text only, not {kind!r} parts",
+        elif kind in ("image_url", "input_image"):
+            parts.append(image_part(part, f"{where}[{j}]"))
+        elif kind in ("input_audio", "file", "video_url", "audio_url"):
+            raise bad_request(f"'{where}[{j}]': {kind!r} parts are not supported (text and image_url are)",
                               f"{where}[{j}].type")
         else:
-            raise bad_request(f"'{where}[{j}].type' must be 'text', got {kind!r}", f"{where}[{j}].type")
+            raise bad_request(f"'{where}[{j}].type' must be 'text' or 'image_url', got {kind!r}", f"{where}[{j}].type")
     return parts
+
+
+def image_part(part: dict, where: str) -> dict:
+    """An image content part -> {"type": "image", "url": ...} (the part chat templates look for).
+
+    Chat's shape is {"image_url": {"url": ..., "detail": ...}}; the Responses API's (and some clients')
+    {"image_url": "..."}. `detail` is accepted and ignored: each model resizes images its own way."""
+    ref = part.get("image_url")
+    url = ref.get("url") if isinstance(ref, dict) else ref
+    if not isinstance(url, str) or not url:
+        raise bad_request(f"'{where}.image_url.url' must be a string (a data:, file:// or http(s) URL)",
+                          f"{where}.image_url")
+    return {"type": "image", "url": url}
+
+
+def has_images(messages: list[dict]) -> bool:
+    return any(isinstance(m.get("content"), list) and any(p["type"] == "image" for p in m["content"])
+               for m in messages)
 
 
 def _tool_calls(raw: Any, where: str) -> list[dict]:

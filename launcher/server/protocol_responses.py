@@ -15,7 +15,7 @@ LOGPROBS_INCLUDE = "message.output_text.logprobs"
 _INCLUDABLE = (LOGPROBS_INCLUDE, "reasoning.encrypted_content")   # the second is accepted: we make no reasoning
 _MESSAGE_ROLES = ("user", "assistant", "system", "developer")
 _TEXT_PARTS = ("input_text", "output_text", "text")
-_MEDIA_PARTS = ("input_image", "input_file", "input_audio")
+_MEDIA_PARTS = ("input_file", "input_audio")
 # vLLM's extra sampling parameters (and OpenAI's that the chat path reads), passed to the chat parser as given.
 _PASSTHROUGH = ("temperature", "top_p", "seed", "stop", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                 "frequency_penalty", "ignore_eos", "min_tokens", "stop_token_ids", "skip_special_tokens",
@@ -151,7 +151,9 @@ def _message(raw: dict, where: str) -> dict:
     if isinstance(content, str):
         parts = [{"type": part_type, "text": content}]
     elif isinstance(content, list):
-        parts = [{"type": part_type, "text": _part_text(p, f"{where}.content[{j}]")} for j, p in enumerate(content)]
+        parts = [_input_image(p, f"{where}.content[{j}]") if isinstance(p, dict) and p.get("type") == "input_image"
+                 else {"type": part_type, "text": _part_text(p, f"{where}.content[{j}]")}
+                 for j, p in enumerate(content)]
     else:
         raise bad_request(f"'{where}.content' must be a string or an array of content parts", f"{where}.content")
     item_id = raw.get("id")
@@ -159,6 +161,17 @@ def _message(raw: dict, where: str) -> dict:
         raise bad_request(f"'{where}.id' must be a string", f"{where}.id")
     return {"type": "message", "id": item_id or new_item_id("msg"), "role": role, "status": "completed",
             "content": parts}
+
+
+def _input_image(part: dict, where: str) -> dict:
+    """{"type": "input_image", "image_url": "...", "detail": ...}, kept as given (it is stored and listed)."""
+    if part.get("file_id") is not None:
+        raise bad_request(f"'{where}.file_id': uploaded files are not supported; give 'image_url'", f"{where}.file_id")
+    url = part.get("image_url")
+    if not isinstance(url, str) or not url:
+        raise bad_request(f"'{where}.image_url' must be a string (a data:, file:// or http(s) URL)",
+                          f"{where}.image_url")
+    return {"type": "input_image", "image_url": url, "detail": part.get("detail", "auto")}
 
 
 def _part_text(part: Any, where: str) -> str:
@@ -188,8 +201,9 @@ def items_to_messages(instructions: str | None, items: list[dict]) -> list[dict]
     messages: list[dict] = [{"role": "system", "content": instructions}] if instructions is not None else []
     for item in items:
         if item["type"] == "message":
-            messages.append({"role": item["role"], "content": [{"type": "text", "text": p["text"]}
-                                                                for p in item["content"]]})
+            messages.append({"role": item["role"], "content": [
+                {"type": "image_url", "image_url": {"url": p["image_url"]}} if p["type"] == "input_image"
+                else {"type": "text", "text": p["text"]} for p in item["content"]]})
         elif item["type"] == "function_call":
             call = {"id": item["call_id"], "type": "function",
                     "function": {"name": item["name"], "arguments": item["arguments"]}}

@@ -48,7 +48,9 @@ class ServedModel:
         self.last_used = 0.0                     # time.monotonic() of the last request's start or end
         self._loading: asyncio.Task | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
-        self._config: tuple[int | None, bool, tuple[str, ...]] | None = None   # (context window, pools, labels)
+        # (context window, pools, labels, takes images)
+        self._config: tuple[int | None, bool, tuple[str, ...], bool] | None = None
+        self.image_processor = None   # engine.vision.ImageProcessor, for a vision model
         self._speech: tuple[str, ...] | None = None   # an unloaded model's speech capabilities, from its config
 
     @property
@@ -101,12 +103,14 @@ class ServedModel:
             speech = self._speech
         if speech:
             return speech
-        is_pooling, labels = (info.is_embedding_model, info.labels) if info is not None else self._config_facts()[1:]
+        is_pooling, labels, vision = (info.is_embedding_model, info.labels, info.is_vision_model) \
+            if info is not None else self._config_facts()[1:]
         if is_pooling:
             return pooling_capabilities(labels)
-        return ("chat", "completion") if self.tokenizer is None or self.chat_template else ("completion",)
+        text = ("chat", "completion") if self.tokenizer is None or self.chat_template else ("completion",)
+        return text + ("vision",) if vision else text
 
-    def _config_facts(self) -> tuple[int | None, bool, tuple[str, ...]]:
+    def _config_facts(self) -> tuple[int | None, bool, tuple[str, ...], bool]:
         """An unloaded model's context window, kind and classifier labels, read once from its config (not its
         weights)."""
         if self._config is None:
@@ -115,9 +119,9 @@ class ServedModel:
             try:
                 config = load_config(ModelFiles.at(self.settings.engine.model))
             except Exception:   # a model that cannot load (or an encoder ModelConfig lacks) says so when asked
-                return (configured if isinstance(configured, int) else None), is_pooling, labels
+                return (configured if isinstance(configured, int) else None), is_pooling, labels, False
             window = configured if isinstance(configured, int) else config.max_position_embeddings
-            self._config = (window, is_pooling or config.is_embedding_model, labels)
+            self._config = (window, is_pooling or config.is_embedding_model, labels, config.is_vision_model)
         return self._config
 
     @property
@@ -172,6 +176,10 @@ class ServedModel:
             fmt = "openai" if template and _OPENAI_PARTS_LOOP.search(template) else "string"
         self.content_format = fmt
         self.defaults = self._sampling_defaults(self.info.default_sampling)
+        if self.info.is_vision_model:
+            from engine.vision import load_image_processor
+            path = Path(self.settings.engine.model)
+            self.image_processor = load_image_processor(path, load_config(ModelFiles.at(path)))
         self.tokenizer = tokenizer
 
     async def unload(self) -> None:

@@ -8,6 +8,7 @@ from sanic.request import Request
 
 from engine.messages import TokenLogprob
 from engine.output_processor import SampleState
+from launcher.server.chat_images import chat_images, place_images
 from launcher.server.chat_prompt import render_chat_prompt
 from launcher.server.generation import EnginePrompt, Generation
 from launcher.server.protocol_chat import ChatRequest, parse_chat_request
@@ -22,10 +23,11 @@ async def create_chat_completion(state: ServerState, model: ServedModel, request
                                  body: dict) -> HTTPResponse | None:
     model.check_generates()
     req = parse_chat_request(body, model.info.vocab_size)
-    prompt_ids = render_chat_prompt(model, req)
+    images = await chat_images(state, model, req.messages)
+    prompt_ids, placed = place_images(model, render_chat_prompt(model, req), images)
     max_tokens = model.resolve_max_tokens(len(prompt_ids), req.sampling.max_tokens, "messages")
     params = req.sampling.to_sampling_params(model.defaults, max_tokens)
-    gen = Generation(model, state.new_request_id("chatcmpl"), [EnginePrompt(prompt_ids, params)],
+    gen = Generation(model, state.new_request_id("chatcmpl"), [EnginePrompt(prompt_ids, params, placed)],
                      state.settings.request_timeout_s, param="messages")
     parsers = [make_output_parser(model.tokenizer, req, model.chat_template) for _ in gen.samples]
     with state.admitted():

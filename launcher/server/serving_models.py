@@ -11,6 +11,7 @@ from sanic.request import Request
 
 from launcher.catalog import CatalogEntry, select
 from launcher.catalog import upstream_entry as catalog_entry
+from launcher.server.chat_images import chat_images, place_images
 from launcher.server.chat_prompt import render_chat_prompt
 from launcher.server.errors import APIError, bad_request
 from launcher.server.fields import Fields
@@ -108,7 +109,7 @@ async def tokenize(state: ServerState, model: ServedModel, request: Request, bod
     return_strs = bool(f.bool("return_token_strs", False))
     if f.has("messages"):
         req = parse_chat_request({**body, "model": body.get("model") or ""}, model.info.vocab_size)
-        ids = render_chat_prompt(model, req)
+        ids, _ = place_images(model, render_chat_prompt(model, req), await chat_images(state, model, req.messages))
     else:
         prompt = f.str("prompt")
         if prompt is None:

@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator
 from sanic import HTTPResponse
 from sanic.request import Request
 
+from engine.multimodal import ProcessedImage
+from launcher.server.chat_images import chat_images, place_images
 from launcher.server.chat_prompt import render_chat_prompt
 from launcher.server.errors import APIError, bad_request
 from launcher.server.fields import Fields
@@ -35,7 +37,8 @@ async def create_response(state: ServerState, model: ServedModel, request: Reque
     history = _history(state.responses, req.previous_response_id)
     chat = parse_chat_request(req.chat_body(items_to_messages(req.instructions, history + req.input_items)),
                               model.info.vocab_size)
-    run = _Run(state, model, req, chat, history)
+    images = await chat_images(state, model, chat.messages, "input")
+    run = _Run(state, model, req, chat, history, images)
     if req.background:
         record = StoredResponse(run.snapshot("queued"), req.input_items)
         state.responses.put(record)
@@ -53,14 +56,14 @@ class _Run:
     """One response: its Generation (one sample), the parser reading tool calls, and the items it builds."""
 
     def __init__(self, state: ServerState, model: ServedModel, req: ResponsesRequest, chat: ChatRequest,
-                 history: list[dict]):
+                 history: list[dict], images: list[ProcessedImage]):
         self.state, self.model, self.req, self.history = state, model, req, history
         self.id = new_item_id("resp")
-        prompt_ids = render_chat_prompt(model, chat)
+        prompt_ids, placed = place_images(model, render_chat_prompt(model, chat), images)
         max_tokens = model.resolve_max_tokens(len(prompt_ids), chat.sampling.max_tokens, "input")
         params = chat.sampling.to_sampling_params(model.defaults, max_tokens)
-        self.gen = Generation(model, self.id, [EnginePrompt(prompt_ids, params)], state.settings.request_timeout_s,
-                              param="input")
+        self.gen = Generation(model, self.id, [EnginePrompt(prompt_ids, params, placed)],
+                              state.settings.request_timeout_s, param="input")
         self.sampling = {"temperature": params.temperature, "top_p": params.top_p}
         self.parser = make_output_parser(model.tokenizer, chat, model.chat_template)
         self.builder = OutputBuilder((lambda e: chat_logprobs(model, e)) if req.want_logprobs else None)

@@ -11,6 +11,16 @@ from launcher.profile_keys import Pricing
 
 
 @dataclass(frozen=True, slots=True)
+class MediaSettings:
+    """Where a prompt's image URLs may point, and how big what they name may be (launcher/server/images.py)."""
+    allowed_dirs: tuple[str, ...] = ()          # file:// URLs only under these (resolved) folders; empty: none
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 32 * 1024 * 1024
+    fetch_timeout_s: float = 10.0
+    offline: bool = False                       # http(s) image URLs refused (LLM_OFFLINE, --offline)
+
+
+@dataclass(frozen=True, slots=True)
 class ServerSettings:
     """The HTTP side, shared by every model."""
     host: str = "127.0.0.1"
@@ -27,6 +37,7 @@ class ServerSettings:
     max_stored_responses: int = 1000            # /v1/responses with store: the least recently used go past this
     persist_responses: bool = False             # stored responses also as JSON files in $LLM_HOME/responses
     max_audio_s: float = 600.0                  # longest clip the audio endpoints decode (and a realtime commit)
+    media: MediaSettings = field(default_factory=lambda: MediaSettings())   # image URLs in prompts
     replica_id: str = ""                        # a Ray Serve replica's id: /metrics and an X-LLM-Replica header say it
     # False under Ray Serve: a dead engine fails the replica's health check (Serve replaces the replica); stopping
     # the server there would stop the event loop Serve itself runs on.

@@ -48,7 +48,7 @@ CASES = [
      "messages[0].content[0].type", None),
     ("image-part", "POST", CHAT, chat(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]), {}, 400,
-     "messages[0].content[0].type", None),
+     "messages[0].content[0]", None),
     ("temperature-string", "POST", CHAT, chat(temperature="hot"), {}, 400, "temperature", None),
     ("temperature-negative", "POST", CHAT, chat(temperature=-1), {}, 400, "temperature", None),
     ("top-p-zero-ok-but-2", "POST", CHAT, chat(top_p=2), {}, 400, "top_p", None),
