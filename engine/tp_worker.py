@@ -116,10 +116,33 @@ class TensorParallelGroup:
                 pipe = Connection(write_end, readable=False)
                 self._pipes.append(pipe)
                 pipe.send(RankSetup(config, rank, init_method, self.backend))
-            _init_process_group(RankSetup(config, 0, init_method, self.backend))
+            self._join(RankSetup(config, 0, init_method, self.backend))
         except BaseException:
             self.close()
             raise
+
+    def _join(self, setup: RankSetup) -> None:
+        """Rank 0 joins the group while watching the workers: one that exits before joining (a bad install, a
+        crash on import) is a StartupError now, not after the rendezvous' COLLECTIVE_TIMEOUT_S."""
+        done, failure = threading.Event(), []
+
+        def join() -> None:
+            try:
+                _init_process_group(setup)
+            except BaseException as e:   # noqa: BLE001 - handed to the waiting thread
+                failure.append(e)
+            finally:
+                done.set()
+
+        # NOTE: a daemon thread: when a worker died, the rendezvous it is stuck in is left behind (the engine
+        # process exits on the StartupError)
+        threading.Thread(target=join, name="tp-join", daemon=True).start()
+        while not done.wait(0.05):
+            dead = self._dead()
+            if dead:
+                raise StartupError(f"{dead} before joining the tensor-parallel group; its log above says why")
+        if failure:
+            raise failure[0]
 
     @classmethod
     def start(cls, config: EngineConfig, model_config: ModelConfig, device: torch.device) -> "TensorParallelGroup":

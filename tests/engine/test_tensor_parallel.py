@@ -3,6 +3,7 @@ logprobs), weight shards against the full weights, and a killed worker failing t
 import dataclasses
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -225,6 +226,15 @@ def test_a_size_that_does_not_split_the_heads_is_one_line(gqa):
         EngineCore(_config(gqa, 3, cpu_kernels=False))
     message = str(err.value)
     assert "\n" not in message and "tensor_parallel_size=3" in message and "sizes that work: 1, 2, 4" in message
+
+
+def test_a_worker_that_dies_before_joining_fails_the_start_at_once(gqa, monkeypatch):
+    import engine.tp_worker as tp_worker
+    monkeypatch.setattr(tp_worker, "worker_command", lambda fd: [sys.executable, "-c", "raise SystemExit(3)"])
+    started = time.monotonic()
+    with pytest.raises(StartupError, match="worker 1 .* exited with code 3 before joining"):
+        EngineCore(_config(gqa, 2, cpu_kernels=False))
+    assert time.monotonic() - started < 20
 
 
 def test_a_killed_worker_fails_the_waiting_requests(gqa):
