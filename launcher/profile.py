@@ -219,6 +219,9 @@ class ModelEntry:
     model: ModelSection
     engine: EngineSection
     table: str            # where it was written, for errors: "[model]" or "[[models]] #2"
+    # its tensor_parallel_size and backend ([distributed], or [models.distributed] over it); the replica keys
+    # are the server's, read from [distributed] alone
+    distributed: DistributedSection = field(default_factory=DistributedSection)
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,7 +241,7 @@ class Profile:
     @property
     def local_models(self) -> list[ModelEntry]:
         """Every enabled local model, [model] first."""
-        first = [ModelEntry(self.model, self.engine, "[model]")] if self.model.enabled else []
+        first = [ModelEntry(self.model, self.engine, "[model]", self.distributed)] if self.model.enabled else []
         return first + [m for m in self.models if m.model.enabled]
 
 
@@ -259,7 +262,8 @@ FLAG_KEYS = {"host": "server.host", "port": "server.port", "api_key": "server.ap
 def engine_kwargs(profile: Profile, entry: ModelEntry | None = None) -> dict[str, Any]:
     """Keyword arguments for engine.config.EngineConfig (all but the resolved model path) of one local model
     (default: [model]); unset keys are left out so the engine's own defaults apply."""
-    e, m = (entry.engine, entry.model) if entry is not None else (profile.engine, profile.model)
+    e, m, d = (entry.engine, entry.model, entry.distributed) if entry is not None else \
+        (profile.engine, profile.model, profile.distributed)
     kwargs = {"served_name": m.names[0], "dtype": m.dtype, "device": e.device, "max_model_len": m.max_model_len,
               "block_size": e.block_size, "kv_cache_gib": e.kv_cache_gib,
               "kv_cache_memory_fraction": e.kv_cache_memory_fraction, "max_num_seqs": e.max_num_seqs,
@@ -269,8 +273,7 @@ def engine_kwargs(profile: Profile, entry: ModelEntry | None = None) -> dict[str
               "autotune": profile.kernels.autotune, "autotune_cache_dir": profile.kernels.cache_dir,
               "cpu_kernels": profile.kernels.cpu_kernels,
               "cpu_float_copies": profile.kernels.cpu_float_copies,
-              "tensor_parallel_size": profile.distributed.tensor_parallel_size,
-              "distributed_backend": profile.distributed.backend,
+              "tensor_parallel_size": d.tensor_parallel_size, "distributed_backend": d.backend,
               "limit_images_per_prompt": e.limit_images_per_prompt}
     return {k: v for k, v in kwargs.items() if v is not None}
 
@@ -308,7 +311,7 @@ def parse_profile(data: dict, where: str, base_dir: Path | None = None) -> Profi
     built = {name: build_section(cls, model_table if name == "model" else sections.get(name, {}),
                                  where, name, base_dir, exclusive=EXCLUSIVE) for name, cls in SECTIONS.items()}
     models = tuple(_model_entry(t, f"{where}: [[models]] #{i + 1}", f"[[models]] #{i + 1}", built["engine"],
-                                base_dir, offline) for i, t in enumerate(data.get("models", [])))
+                                built["distributed"], base_dir, offline) for i, t in enumerate(data.get("models", [])))
     upstreams = tuple(_upstream(t, f"{where}: [[upstreams]] #{i + 1}", base_dir)
                       for i, t in enumerate(data.get("upstreams", [])))
     profile = Profile(**built, models=models, upstreams=upstreams, description=data.get("description", ""))
@@ -323,18 +326,28 @@ def _check_replicas(d: DistributedSection, where: str) -> None:
                            f"distributed.max_replicas ({d.max_replicas})")
 
 
-def _model_entry(table: dict, where: str, label: str, engine: EngineSection, base_dir: Path | None,
-                 offline: bool) -> ModelEntry:
+def _model_entry(table: dict, where: str, label: str, engine: EngineSection, distributed: DistributedSection,
+                 base_dir: Path | None, offline: bool) -> ModelEntry:
     if "source" not in table:
         raise ProfileError(f"{where}: models.source: required (a repo id, HF directory or .gguf file)")
-    overrides = table.get("engine", {})
-    if not isinstance(overrides, dict):
-        raise ProfileError(f"{where}: models.engine: must be a table ([models.engine]), got {overrides!r}")
+    overrides, spread = table.get("engine", {}), table.get("distributed", {})
+    for key, sub_table in (("engine", overrides), ("distributed", spread)):
+        if not isinstance(sub_table, dict):
+            raise ProfileError(f"{where}: models.{key}: must be a table ([models.{key}]), got {sub_table!r}")
+    server_wide = sorted(set(spread) - set(_PER_MODEL_DISTRIBUTED))
+    if server_wide:
+        raise ProfileError(f"{where}: models.distributed.{server_wide[0]}: set it in [distributed] (replicas hold "
+                           f"every model); [models.distributed] takes {', '.join(_PER_MODEL_DISTRIBUTED)}")
     model = build_section(ModelSection, {"offline": offline, **table}, where, "models", base_dir,
-                          skip=frozenset({"engine"}))
+                          skip=frozenset({"engine", "distributed"}))
     engine = build_section(EngineSection, overrides, where, "models.engine", base_dir, current=engine,
                            exclusive=(("models.engine", "kv_cache_memory_fraction", "kv_cache_gib"),))
-    return ModelEntry(model, engine, label)
+    distributed = build_section(DistributedSection, spread, where, "models.distributed", base_dir, current=distributed)
+    return ModelEntry(model, engine, label, distributed)
+
+
+# The [distributed] keys a [[models]] table may set for itself: how its own engine spreads over devices.
+_PER_MODEL_DISTRIBUTED = ("tensor_parallel_size", "backend")
 
 
 def _upstream(table: dict, where: str, base_dir: Path | None) -> UpstreamSection:

@@ -97,7 +97,8 @@ def deployment_options(d: DistributedSection, spec: LaunchSpec, cluster: dict[st
         most = d.max_replicas if d.replicas == "auto" else d.replicas
         actor = {"num_cpus": max(1, int(cluster.get("CPU", 1)) // most)}
     else:
-        actor = {"num_cpus": 1, "num_gpus": d.tensor_parallel_size}
+        # a replica holds every model, each on its own tensor_parallel_size GPUs
+        actor = {"num_cpus": 1, "num_gpus": sum(m.engine.tensor_parallel_size for m in spec.models)}
     options = {"ray_actor_options": actor, "health_check_period_s": _HEALTH_CHECK_PERIOD_S,
                "health_check_timeout_s": 30.0, "graceful_shutdown_timeout_s": 15.0,
                # our own admission limit (max_queued_requests) answers 503 past it, not Serve's default of 5

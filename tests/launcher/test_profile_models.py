@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from launcher.launch import build_launch, gateway_upstream, startup_lines
-from launcher.profile import ProfileError, load_profile
+from launcher.profile import ProfileError, engine_kwargs, load_profile
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -72,6 +72,32 @@ max_loaded_models = 2
     assert p.server.max_loaded_models == 2
 
 
+def test_each_model_spreads_over_its_own_devices(tmp_path):
+    p = load_profile(write(tmp_path, """
+[model]
+source = "org/big"
+
+[distributed]
+tensor_parallel_size = 2
+backend = "gloo"
+
+[[models]]
+source = "org/small"
+[models.distributed]
+tensor_parallel_size = 1
+
+[[models]]
+source = "org/other"
+"""))
+    big, small, other = p.local_models
+    assert (big.distributed.tensor_parallel_size, small.distributed.tensor_parallel_size,
+            other.distributed.tensor_parallel_size) == (2, 1, 2)   # [models.distributed] over [distributed]
+    assert small.distributed.backend == "gloo"
+    kwargs = [engine_kwargs(p, entry) for entry in (big, small, other)]
+    assert [k["tensor_parallel_size"] for k in kwargs] == [2, 1, 2]
+    assert {k["distributed_backend"] for k in kwargs} == {"gloo"}
+
+
 @pytest.mark.parametrize("text, expected", [
     ('[model]\nsource = "org/a"\n[[models]]\nsource = "org/a"\n',
      "served name 'org/a' is claimed by both [model] and [[models]] #1"),
@@ -92,6 +118,10 @@ max_loaded_models = 2
      "upstream name 'u' is used by both [[upstreams]] #1 and [[upstreams]] #2"),
     ('[[models]]\nsource = "org/b"\npricing = {input = -1}\n', "models.pricing: must be a table"),
     ('models = 3\n', "models: must be an array of tables ([[models]])"),
+    ('[[models]]\nsource = "org/b"\n[models.distributed]\nreplicas = 2\n',
+     "models.distributed.replicas: set it in [distributed] (replicas hold every model)"),
+    ('[[models]]\nsource = "org/b"\n[models.distributed]\ntensor_parallel_size = 0\n',
+     "models.distributed.tensor_parallel_size: must be"),
 ])
 def test_errors_name_the_tables(tmp_path, text, expected):
     assert expected in error_of(tmp_path, text)

@@ -28,9 +28,9 @@ STARTUP_TIMEOUT_S = 240
 REPLACE_TIMEOUT_S = 120
 
 
-def _spec(device: str) -> LaunchSpec:
-    return LaunchSpec(ServerSettings(max_queued_requests=64),
-                      (ModelSettings(EngineConfig(model="m.gguf", device=device), ("m",)),))
+def _spec(device: str, tensor_parallel_size: int = 1) -> LaunchSpec:
+    engine = EngineConfig(model="m.gguf", device=device, tensor_parallel_size=tensor_parallel_size)
+    return LaunchSpec(ServerSettings(max_queued_requests=64), (ModelSettings(engine, ("m",)),))
 
 
 def test_replica_keys_parse_and_check():
@@ -52,9 +52,13 @@ def test_deployment_options():
     cpu = deployment_options(fixed, _spec("cpu"), {"CPU": 16.0, "GPU": 8.0})
     assert cpu["num_replicas"] == 2 and cpu["ray_actor_options"] == {"num_cpus": 8}   # half the cores each
     assert cpu["max_ongoing_requests"] == 64 and "autoscaling_config" not in cpu
-    gpu = deployment_options(fixed, _spec("auto"), {"CPU": 16.0, "GPU": 8.0})
+    gpu = deployment_options(fixed, _spec("auto", 2), {"CPU": 16.0, "GPU": 8.0})
     assert gpu["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 2}   # one GPU per tensor-parallel rank
     assert deployment_options(fixed, _spec("auto"), {"CPU": 2.0})["ray_actor_options"] == {"num_cpus": 1}
+    two = LaunchSpec(ServerSettings(), (ModelSettings(EngineConfig(model="a", tensor_parallel_size=2), ("a",)),
+                                        ModelSettings(EngineConfig(model="b"), ("b",))))
+    # a replica holds every model: their GPUs add up
+    assert deployment_options(fixed, two, {"CPU": 16.0, "GPU": 8.0})["ray_actor_options"]["num_gpus"] == 3
     auto = parse_profile({"distributed": {"replicas": "auto", "max_replicas": 3,
                                           "target_ongoing_requests": 4}}, "p.toml").distributed
     options = deployment_options(auto, _spec("cpu"), {"CPU": 12.0})
