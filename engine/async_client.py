@@ -21,13 +21,15 @@ STATS_TIMEOUT_S = 5.0   # a core busy with one long step answers late: /metrics 
 
 
 class AsyncEngineClient(EngineClient):
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, process: EngineProcess | None = None):
+        """process: one already started for this config (the server starts its engines before its own
+        imports, so both load at once); None: started by start()."""
         self.config = config
         self._phase = "starting engine process"
         self._info: EngineInfo | None = None
         self._error: str | None = None
         self.latest_stats = EngineStats()            # from the last message that carried stats
-        self._process = EngineProcess(config)
+        self._process = process or EngineProcess(config)
         self._queues: dict[str, asyncio.Queue[TokenOutput | TranscriptionOutput | EngineDeadError]] = {}
         self._embeds: dict[str, asyncio.Future[EmbedOutput]] = {}
         self._stats_waiters: list[asyncio.Future[EngineStats]] = []

@@ -167,6 +167,9 @@ class EngineProcess:
         self._outputs: Connection | None = None
 
     def start(self) -> None:
+        """Spawn the engine process and send it its config (once: a second call does nothing)."""
+        if self.process is not None:
+            return
         child_requests, requests = os.pipe()
         outputs, child_outputs = os.pipe()
         env = dict(os.environ)

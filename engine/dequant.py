@@ -6,19 +6,12 @@ from typing import Callable
 import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
+from engine.gguf_types import SUPPORTED_QTYPES, type_name
 from kernels.cpu_quant import QuantizedTensor
 
 
 class UnsupportedQuantization(ValueError):
     """The GGML type has no dequantizer here; the message names the type."""
-
-
-def type_name(qtype: int) -> str:
-    """A type for messages: 'Q4_K (12)', or 'unknown type 99' for ids the gguf package lacks."""
-    try:
-        return f"{QT(qtype).name} ({int(qtype)})"
-    except ValueError:
-        return f"unknown type {int(qtype)}"
 
 
 def _shifts(*values: int) -> torch.Tensor:
@@ -141,7 +134,7 @@ _BLOCK_DEQUANT: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {
     QT.Q2_K: _q2_k, QT.Q3_K: _q3_k, QT.Q4_K: _q4_k, QT.Q5_K: _q5_k, QT.Q6_K: _q6_k,
 }
 _FLOAT_VIEWS = {QT.F32: torch.float32, QT.F16: torch.float16, QT.BF16: torch.bfloat16}
-SUPPORTED_QTYPES: frozenset[int] = frozenset(int(t) for t in (*_BLOCK_DEQUANT, *_FLOAT_VIEWS))
+assert SUPPORTED_QTYPES == frozenset(int(t) for t in (*_BLOCK_DEQUANT, *_FLOAT_VIEWS)), "gguf_types is stale"
 
 
 def dequantize(raw: torch.Tensor, qtype: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from engine.attention import AttentionMetadata
 from engine.config import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS
-from engine.loader import ModelFiles, iter_weights
+from engine.loader import ModelFiles, iter_weights, materialize
 from engine.messages import EmbedOutput, EmbedRequest
 from engine.validation import check_inputs
 from engine.models.bert import BertConfig, BertModel
@@ -156,7 +156,7 @@ class EmbeddingModel:
         with torch.device("meta"):
             model = BertModel(config)
         # Built on meta so no time goes on a random init that the checkpoint overwrites.
-        model = model.to_empty(device=torch.device(device)).to(dtype)
+        model = materialize(model, dtype, torch.device(device))
         model.load_weights(iter_weights(files, dtype), str(files.path))
         return cls(model.eval(), pooling)
 

@@ -2,7 +2,6 @@
 loop's Core, serving EmbedRequests only (embeddings, a classifier's probabilities, per-token states)."""
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,29 +12,9 @@ from engine.config import EngineConfig
 from engine.embedding import EmbeddingModel
 from engine.messages import (AddRequest, EmbedOutput, EmbedRequest, EngineInfo, EngineStats, TokenOutput,
                              TranscribeRequest, TranscriptionOutput)
-from engine.models.bert import ENCODER_MODEL_TYPES
-from engine.models.sequence_classification import SequenceClassifier, classifier_architecture, config_labels
+from engine.model_kinds import is_pooling_model, pooling_facts  # noqa: F401 (callers import them from here too)
+from engine.models.sequence_classification import SequenceClassifier
 from engine.startup import pick_device, pick_dtype
-
-
-def pooling_facts(path: str | Path) -> tuple[bool, tuple[str, ...]]:
-    """(is it a pooling model, its classifier labels — empty for an embedding model), from config.json."""
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return False, ()
-    try:
-        raw = json.loads(config.read_text())
-    except (json.JSONDecodeError, OSError, UnicodeDecodeError):
-        return False, ()
-    if not isinstance(raw, dict):
-        return False, ()
-    if classifier_architecture(raw) is not None:
-        return True, config_labels(raw)
-    return raw.get("model_type") in ENCODER_MODEL_TYPES, ()
-
-
-def is_pooling_model(path: str | Path) -> bool:
-    return pooling_facts(path)[0]
 
 
 class PoolingCore:

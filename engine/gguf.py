@@ -7,12 +7,17 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
-from engine.dequant import SUPPORTED_QTYPES, dequantize, split_quantized, type_name
-from kernels.cpu_quant import QuantizedTensor
+from engine.gguf_types import SUPPORTED_QTYPES, type_name
+
+if TYPE_CHECKING:   # torch only where tensors are read: the server reads headers (the tokenizer) without it
+    import torch
+
+    from kernels.cpu_quant import QuantizedTensor
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -151,16 +156,20 @@ class GGUFFile:
                 scaling[hf_key] = float(value)
         return scaling
 
-    def read_tensor(self, gguf_name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """One tensor by its GGUF name, dequantized, in torch order, exactly as stored (no renaming)."""
+    def read_tensor(self, gguf_name: str, dtype: "torch.dtype | None" = None) -> "torch.Tensor":
+        """One tensor by its GGUF name, dequantized (float32 unless dtype), in torch order, exactly as stored
+        (no renaming)."""
         return self._decode(self._info(gguf_name), dtype)
 
-    def _decode(self, info: GGUFTensorInfo, dtype: torch.dtype) -> torch.Tensor:
-        raw = torch.from_numpy(self._data[info.offset:info.offset + info.num_bytes])
-        return dequantize(raw, info.qtype, info.shape, dtype)
+    def _decode(self, info: GGUFTensorInfo, dtype: "torch.dtype | None") -> "torch.Tensor":
+        import torch
 
-    def iter_tensors(self, dtype: torch.dtype = torch.float32,
-                     skip: set[str] | frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
+        from engine.dequant import dequantize
+        raw = torch.from_numpy(self._data[info.offset:info.offset + info.num_bytes])
+        return dequantize(raw, info.qtype, info.shape, torch.float32 if dtype is None else dtype)
+
+    def iter_tensors(self, dtype: "torch.dtype | None" = None,
+                     skip: set[str] | frozenset[str] = frozenset()) -> Iterator[tuple[str, "torch.Tensor"]]:
         """(Hugging Face name, tensor in `dtype` with HF's shape), in file order, one tensor at a time;
         names in `skip` are passed over unread."""
         for info, hf_name, heads in self._hf_tensors():
@@ -169,9 +178,13 @@ class GGUFFile:
             tensor = self._decode(info, dtype)
             yield hf_name, tensor if heads is None else _unpermute_rotary(tensor, heads)
 
-    def iter_quantized(self) -> Iterator[tuple[str, QuantizedTensor]]:
+    def iter_quantized(self) -> Iterator[tuple[str, "QuantizedTensor"]]:
         """(Hugging Face name, integer form) of each 2-D tensor whose type the CPU kernel reads
         (kernels/cpu_quant.py), rows in HF's order; other tensors are skipped."""
+        import torch
+
+        from engine.dequant import split_quantized
+        from kernels.cpu_quant import QuantizedTensor
         for info, hf_name, heads in self._hf_tensors():
             raw = torch.from_numpy(self._data[info.offset:info.offset + info.num_bytes])
             w = split_quantized(raw, info.qtype, info.shape)
@@ -195,7 +208,7 @@ class GGUFFile:
             yield info, hf_name, heads
 
 
-def _unpermute_rotary(w: torch.Tensor, num_heads: int) -> torch.Tensor:
+def _unpermute_rotary(w: "torch.Tensor", num_heads: int) -> "torch.Tensor":
     """Undo llama.cpp's q/k row order for its interleaved rotary, back to HF's rotate-half order."""
     # llama.cpp's converter viewed each head's rows as [2, head_dim/2] and swapped those two axes;
     # viewing the GGUF rows of a head as [head_dim/2, 2] and swapping again restores HF's order.

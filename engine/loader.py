@@ -1,73 +1,20 @@
-"""Model files -> config, tensors, parameters: Hugging Face directories (safetensors) and GGUF files."""
+"""Model files -> tensors -> parameters: Hugging Face directories (safetensors) and GGUF files (where the files are,
+the config and the tokenizer: engine/model_files.py)."""
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from engine.config import ConfigError, ModelConfig
+from engine.config import ModelConfig
+from engine.model_files import LoadError, ModelFiles, gguf_file, load_config, load_tokenizer  # noqa: F401 (re-exported)
 
 log = logging.getLogger("llm.engine")
-
-
-class LoadError(Exception):
-    """Model files are missing or damaged; one line naming the file and what is wrong."""
-
-
-@dataclass(frozen=True, slots=True)
-class ModelFiles:
-    """Where a model's files are: a HF directory (config.json + safetensors) or one GGUF file."""
-    path: Path
-    format: str                          # 'hf' | 'gguf'
-
-    @classmethod
-    def at(cls, path: str | Path) -> "ModelFiles":
-        path = Path(path)
-        if path.is_file():
-            if path.suffix == ".gguf":
-                return cls(path, "gguf")
-            raise LoadError(f"{path}: not a model (expected a .gguf file or a directory with config.json)")
-        if path.is_dir():
-            if (path / "config.json").exists():
-                return cls(path, "hf")
-            ggufs = sorted(path.glob("*.gguf"))
-            if len(ggufs) == 1:
-                return cls(ggufs[0], "gguf")
-            if ggufs:
-                raise LoadError(f"{path}: holds several .gguf files ({', '.join(g.name for g in ggufs)}); "
-                                "name one")
-            raise LoadError(f"{path}: no config.json and no .gguf file in this directory")
-        raise LoadError(f"{path}: no such file or directory")
-
-
-@functools.lru_cache(maxsize=4)
-def _read_gguf_cached(path: Path, mtime_ns: int):
-    from engine.gguf import GGUFError, read_gguf
-    try:
-        return read_gguf(path)
-    except GGUFError as e:
-        raise LoadError(str(e)) from None
-
-
-def gguf_file(files: ModelFiles):
-    """The parsed GGUF header (cached: config, tokenizer and weights all read it)."""
-    return _read_gguf_cached(files.path, files.path.stat().st_mtime_ns)
-
-
-def load_config(files: ModelFiles) -> ModelConfig:
-    try:
-        if files.format == "gguf":
-            return ModelConfig.from_hf_dict(gguf_file(files).hf_config(), str(files.path))
-        return ModelConfig.from_file(files.path / "config.json")
-    except ConfigError as e:
-        raise LoadError(str(e)) from None
 
 
 def iter_weights(files: ModelFiles, dtype: torch.dtype,
@@ -167,9 +114,7 @@ def load_model(files: ModelFiles, config: ModelConfig, dtype: torch.dtype, devic
             skipped = _drop_float_weights(model, packed)
             log.info("float32 copies of %d packed projections not kept (memory): every batch runs packed",
                      len(packed))
-    # NOTE: cast on meta, then materialise: to_empty in the build's float32 and then .to(dtype) would hold
-    # a float32 copy of every weight on the device (and leave the allocator holding twice the bf16 size)
-    model = model.to(dtype).to_empty(device=device)
+    model = materialize(model, dtype, device)
     # Buffers computed at construction (the rotary table) were lost on meta: compute them for real.
     model.cos_sin_cache = rope_cos_sin_cache(config.head_dim, config.rope_theta, config.rope_scaling,
                                              max_positions, _rope_freq_factors(files)).to(device)
@@ -182,6 +127,35 @@ def load_model(files: ModelFiles, config: ModelConfig, dtype: torch.dtype, devic
     if device.type == "cpu":
         _column_major_projections(model)
     return model.eval()
+
+
+def materialize(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """A model built on the meta device, given uninitialised storage on `device`: floating tensors in `dtype`
+    (integer buffers keep theirs); tensors shared between modules stay shared.
+
+    NOTE: not `model.to(dtype).to_empty(device)`: to_empty's empty_like on meta tensors runs torch's Python
+    decompositions, which import sympy (~0.45 s of every engine start); and casting after materialising would
+    hold a float32 copy of every weight on the device."""
+    made: dict[int, torch.Tensor] = {}
+    originals: list[torch.Tensor] = []   # kept alive while `made` is keyed by their ids
+
+    def new(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in made:
+            originals.append(t)
+            made[id(t)] = torch.empty(t.shape, dtype=dtype if t.is_floating_point() else t.dtype, device=device)
+        return made[id(t)]
+
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is None:
+                continue
+            if not isinstance(made.get(id(p)), torch.nn.Parameter):
+                made[id(p)] = torch.nn.Parameter(new(p), requires_grad=False)
+            module._parameters[name] = made[id(p)]
+        for name, b in module._buffers.items():
+            if b is not None:
+                module._buffers[name] = new(b)
+    return model
 
 
 def _pack_quantized(model: torch.nn.Module, files: ModelFiles) -> list[str]:
@@ -250,14 +224,3 @@ def _rope_freq_factors(files: ModelFiles) -> torch.Tensor | None:
     if not any(t.name == "rope_freqs.weight" for t in gguf.tensor_infos):
         return None
     return gguf.read_tensor("rope_freqs.weight", torch.float32)
-
-
-def load_tokenizer(files: ModelFiles):
-    """The model's tokenizer: tokenizer.json from a HF directory, or GGUF metadata."""
-    from engine.tokenizer import Tokenizer
-    try:
-        if files.format == "gguf":
-            return Tokenizer.from_gguf_metadata(gguf_file(files).metadata)
-        return Tokenizer.from_dir(files.path)
-    except (OSError, ValueError) as e:
-        raise LoadError(f"{files.path}: cannot load the tokenizer ({e})") from None

@@ -7,23 +7,10 @@ from pathlib import Path
 
 import torch
 
+from engine.loader import materialize
+from engine.model_kinds import is_whisper_model  # noqa: F401 (callers import it from here too)
 from engine.models.whisper import WhisperModel
 from engine.models.whisper_config import WhisperConfig
-
-
-def is_whisper_model(path: str | Path) -> bool:
-    """A directory holding a Whisper checkpoint in either layout (cheap: configs and headers only)."""
-    path = Path(path)
-    if not path.is_dir():
-        return False
-    from engine.ctranslate2_format import is_ctranslate2_whisper
-    if is_ctranslate2_whisper(path):
-        return True
-    try:
-        raw = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(raw, dict) and raw.get("model_type") == "whisper"
 
 
 def read_checkpoint(path: Path) -> tuple[WhisperConfig, dict[str, torch.Tensor]]:
@@ -47,7 +34,6 @@ def load_whisper(path: str | Path, device: torch.device, dtype: torch.dtype, ops
     config, tensors = read_checkpoint(path)
     with torch.device("meta"):
         model = WhisperModel(config, ops)
-    # cast on meta first: materialising float32 then casting would hold both copies at once
-    model = model.to(dtype).to_empty(device=device)
+    model = materialize(model, dtype, device)
     model.load_weights(tensors.items(), str(path))
     return model.eval().requires_grad_(False)

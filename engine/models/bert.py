@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ENCODER_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
+from engine.model_kinds import ENCODER_MODEL_TYPES
+
 _ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),                                   # erf form, as BERT was trained
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),

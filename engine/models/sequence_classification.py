@@ -15,18 +15,13 @@ from torch import nn
 
 from engine.config import DEFAULT_MAX_NUM_BATCHED_TOKENS
 from engine.embedding import decoder_embed, encoder_token_states, padded_batches
-from engine.loader import LoadError, ModelFiles, iter_weights, load_config, load_model, safetensors_files
+from engine.loader import LoadError, ModelFiles, iter_weights, load_config, load_model, materialize, safetensors_files
+from engine.model_kinds import SEQUENCE_CLASSIFIERS, classifier_architecture, config_labels
 from engine.models.bert import BertConfig, BertModel
 from engine.validation import check_inputs
 
-# HF class -> how its head reads the backbone: 'bert' | 'roberta' (first token) or 'decoder' (last token).
-SEQUENCE_CLASSIFIERS = {
-    "BertForSequenceClassification": "bert",
-    "XLMRobertaForSequenceClassification": "roberta",
-    "RobertaForSequenceClassification": "roberta",
-    "LlamaForSequenceClassification": "decoder",
-    "Qwen2ForSequenceClassification": "decoder",
-}
+# SEQUENCE_CLASSIFIERS (engine/model_kinds.py): HF class -> how its head reads the backbone: 'bert' | 'roberta'
+# (first token) or 'decoder' (last token).
 # Checkpoint names of each kind's head: ours -> theirs.
 _HEAD_TENSORS = {
     "bert": {"dense.weight": "bert.pooler.dense.weight", "dense.bias": "bert.pooler.dense.bias",
@@ -57,18 +52,6 @@ class ClassifierConfig:
         pad = raw.get("pad_token_id")
         return cls(SEQUENCE_CLASSIFIERS[arch], labels, _activation(raw, len(labels), source),
                    pad if isinstance(pad, int) else None)
-
-
-def classifier_architecture(raw: dict[str, Any]) -> str | None:
-    return next((a for a in raw.get("architectures") or () if a in SEQUENCE_CLASSIFIERS), None)
-
-
-def config_labels(raw: dict[str, Any]) -> tuple[str, ...]:
-    """id2label in id order; LABEL_i for a config that gives only num_labels (HF's default: 2 labels)."""
-    id2label = raw.get("id2label")
-    if isinstance(id2label, dict) and id2label:
-        return tuple(str(v) for _, v in sorted(id2label.items(), key=lambda kv: int(kv[0])))
-    return tuple(f"LABEL_{i}" for i in range(int(raw.get("num_labels", 2))))
 
 
 def _activation(raw: dict[str, Any], num_labels: int, source: str) -> str:
@@ -159,7 +142,7 @@ class SequenceClassifier:
             bert_config = BertConfig.from_dict(raw, str(files.path / "config.json"))
             with torch.device("meta"):
                 backbone = BertModel(bert_config)
-            backbone = backbone.to_empty(device=device).to(dtype)
+            backbone = materialize(backbone, dtype, device)
             backbone.load_weights(iter_weights(files, dtype), str(files.path))
             tok_max = _tokenizer_max_length(files.path)
             max_len = min(x for x in (bert_config.max_seq_length, tok_max, max_model_len) if x)

@@ -21,8 +21,14 @@ def main(argv: list[str] | None = None) -> int:
     settings = spec.settings
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    # The at_start models' engines start first: each imports torch and loads weights while this process
+    # imports Sanic and the handlers (~0.6 s), instead of after.
+    from engine.core_process import EngineProcess
+    started = {i: EngineProcess(m.engine) for i, m in enumerate(spec.models) if m.load == "at_start"}
+    for process in started.values():
+        process.start()
     from launcher.server.app import build_app  # after logging is set up
-    app = build_app(settings, spec.models, spec.upstreams)
+    app = build_app(settings, spec.models, spec.upstreams, started=started)
     app.run(host=settings.host, port=settings.port, single_process=True, access_log=False, motd=False,
             debug=False)
     return app.ctx.state.exit_code

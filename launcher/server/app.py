@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 from sanic import HTTPResponse, Sanic
 from sanic.request import Request
@@ -28,9 +29,14 @@ from launcher.server.settings import ModelSettings, ServerSettings, UpstreamSett
 from launcher.server.state import ServerState
 from launcher.server.upstream import UpstreamRoute
 
+if TYPE_CHECKING:
+    from engine.core_process import EngineProcess
+
 
 def build_app(settings: ServerSettings, models: tuple[ModelSettings, ...],
-              upstreams: tuple[UpstreamSettings, ...] = (), name: str = "llm") -> Sanic:
+              upstreams: tuple[UpstreamSettings, ...] = (), name: str = "llm",
+              started: dict[int, EngineProcess] | None = None) -> Sanic:
+    """started: engine processes already started, by model index (the rest start with the server)."""
     app = Sanic(name, error_handler=OpenAIErrorHandler(), configure_logging=False)
     app.config.REQUEST_MAX_SIZE = settings.max_request_body_bytes
     app.config.WEBSOCKET_MAX_SIZE = settings.max_request_body_bytes   # one realtime event is one request's worth
@@ -40,7 +46,7 @@ def build_app(settings: ServerSettings, models: tuple[ModelSettings, ...],
     app.config.NOISY_EXCEPTIONS = False
     app.config.TOUCHUP = False
     app.config.AUTO_EXTEND = False
-    app.ctx.state = ServerState(settings, models, upstreams)
+    app.ctx.state = ServerState(settings, models, upstreams, started)
     middleware.install(app)
     lifecycle.install(app)
     _routes(app)

@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from engine.async_client import AsyncEngineClient
-from engine.embedding_core import pooling_facts
-from engine.loader import ModelFiles, load_config, load_tokenizer
+from engine.core_process import EngineProcess
+from engine.model_files import ModelFiles, load_config, load_tokenizer
+from engine.model_kinds import is_whisper_model, pooling_facts
 from engine.messages import EngineInfo
 from engine.config import EngineConfig
 from engine.protocol import EngineClient, EngineStartupError
 from engine.validation import InvalidRequest, check_context_length
-from engine.whisper_loader import is_whisper_model
 from launcher.server.errors import APIError, not_ready
 from launcher.server.metrics import ModelMetrics
 from launcher.server.protocol import DEFAULTABLE
@@ -34,10 +34,13 @@ _OPENAI_PARTS_LOOP = re.compile(r"for\s+\w+\s+in\s+\w+(\[\s*['\"]content['\"]\s*
 
 class ServedModel:
     def __init__(self, settings: ModelSettings,
-                 new_client: Callable[[EngineConfig], EngineClient] = AsyncEngineClient):
+                 new_client: Callable[[EngineConfig], EngineClient] = AsyncEngineClient,
+                 process: EngineProcess | None = None):
+        """process: its engine process, already started (launcher/server/__main__.py)."""
         self.settings = settings
         self._new_client = new_client
-        self.client: EngineClient = new_client(settings.engine)
+        self.client: EngineClient = new_client(settings.engine) if process is None else \
+            AsyncEngineClient(settings.engine, process)
         self.metrics = ModelMetrics(settings.primary_name)
         self.created = int(time.time())
         self.tokenizer = None

@@ -12,16 +12,19 @@ from launcher.server.errors import APIError, not_ready
 from launcher.server.registry import ModelRegistry
 from launcher.server.response_store import ResponseStore
 from launcher.server.served_model import ServedModel
+from engine.core_process import EngineProcess
 from launcher.server.settings import ModelSettings, ServerSettings, UpstreamSettings
 from launcher.server.upstream import Upstream
 
 
 class ServerState:
     def __init__(self, settings: ServerSettings, models: tuple[ModelSettings, ...],
-                 upstreams: tuple[UpstreamSettings, ...] = ()):
+                 upstreams: tuple[UpstreamSettings, ...] = (), started: dict[int, EngineProcess] | None = None):
+        """started: engine processes already started, by model index."""
         self.settings = settings
-        self.registry = ModelRegistry([ServedModel(m) for m in models], [Upstream(u) for u in upstreams],
-                                      settings.max_loaded_models)
+        started = started or {}
+        self.registry = ModelRegistry([ServedModel(m, process=started.get(i)) for i, m in enumerate(models)],
+                                      [Upstream(u) for u in upstreams], settings.max_loaded_models)
         self.responses = ResponseStore(settings.max_stored_responses,
                                        llm_home() / "responses" if settings.persist_responses else None)
         self.http_requests: Counter[tuple[str, int]] = Counter()   # (route, status) -> count
