@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
@@ -16,6 +15,7 @@ from engine.messages import (AddRequest, EmbedOutput, EmbedRequest, EngineInfo, 
 from engine.model_runner import ModelOutput, ModelRunner
 from engine.models.parallel import SINGLE
 from engine.sampler import Sampler, SamplingRow, compute_prompt_logprobs, make_generator
+from engine.request_state import RequestState, Sample
 from engine.scheduler import Batch, Scheduler, SchedulerConfig
 from engine.sequence import Sequence
 from engine.startup import (StartupError, generation_defaults, initial_max_model_len, num_kv_blocks, pick_device,
@@ -23,32 +23,6 @@ from engine.startup import (StartupError, generation_defaults, initial_max_model
 from engine.validation import InvalidRequest, check_request
 
 log = logging.getLogger("llm.engine")
-
-
-@dataclass(slots=True)
-class _Sample:
-    """One sequence the engine runs for a request, and what it keeps for it across steps."""
-    request_id: str
-    index: int                               # which of the request's samples (0 .. num_samples - 1)
-    seq: Sequence
-    generator: torch.Generator | None        # seeded requests: seed + index, on the engine's device
-    matcher: object | None = None            # structured outputs: this sample's grammar state
-    cumulative_logprob: float = 0.0
-
-
-@dataclass(slots=True)
-class _RequestState:
-    request: AddRequest
-    samples: list[_Sample]
-    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)   # per prompt token after the first
-    prompt_logprobs_sent: bool = False
-    num_finished: int = 0
-
-    @property
-    def holds_back(self) -> bool:
-        """best_of > n: the samples' tokens are sent only when all finish, the n best of them."""
-        params = self.request.params
-        return params.best_of is not None and params.best_of > params.n
 
 
 class EngineCore:
@@ -86,8 +60,8 @@ class EngineCore:
             self.block_manager, self.eos_token_ids)
         self.sampler = Sampler()
         self._structured = None  # StructuredBackend, built on the first constrained request
-        self.requests: dict[str, _RequestState] = {}
-        self._samples: dict[str, _Sample] = {}   # seq_id -> its sample, while the engine runs it
+        self.requests: dict[str, RequestState] = {}
+        self._samples: dict[str, Sample] = {}   # seq_id -> its sample, while the engine runs it
         self.num_requests_finished = 0
         self.info = EngineInfo(
             model_name=config.served_name or config.model, max_model_len=max_model_len,
@@ -151,13 +125,13 @@ class EngineCore:
                 return [TokenOutput(rid, i, [], finish_reason="error", error=f"structured outputs: {e}",
                                     num_prompt_tokens=len(request.prompt_token_ids))
                         for i in range(params.n)]
-        samples = [_Sample(rid, i, self._sequence(f"{rid}#{i}", request),
+        samples = [Sample(rid, i, self._sequence(f"{rid}#{i}", request),
                            None if params.seed is None else make_generator(params.seed + i, self.device), matchers[i])
                    for i in range(params.num_samples)]
         for sample in samples:
             self.scheduler.add(sample.seq)
             self._samples[sample.seq.seq_id] = sample
-        self.requests[rid] = _RequestState(request, samples)
+        self.requests[rid] = RequestState(request, samples)
         return []
 
     def _sequence(self, seq_id: str, request: AddRequest) -> Sequence:
@@ -287,18 +261,18 @@ class EngineCore:
                 self._sample_done(state, sample)
         return outputs
 
-    def _sample_done(self, state: _RequestState, sample: _Sample) -> None:
+    def _sample_done(self, state: RequestState, sample: Sample) -> None:
         """One sample finished (its last output is sent): forget it, and the request once all are done."""
         self._samples.pop(sample.seq.seq_id, None)
         state.num_finished += 1
         if state.num_finished == len(state.samples):
             self._request_done(state)
 
-    def _request_done(self, state: _RequestState) -> None:
+    def _request_done(self, state: RequestState) -> None:
         del self.requests[state.request.request_id]
         self.num_requests_finished += 1
 
-    def _finish_best_of(self, state: _RequestState) -> list[TokenOutput]:
+    def _finish_best_of(self, state: RequestState) -> list[TokenOutput]:
         best = sorted(state.samples, key=lambda s: -s.cumulative_logprob)[: state.request.params.n]
         outputs = [TokenOutput(state.request.request_id, index, list(s.seq.output_token_ids),
                                finish_reason=s.seq.finish_reason, stop_token_id=s.seq.stop_token_id,
