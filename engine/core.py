@@ -78,6 +78,7 @@ class EngineCore:
         model_config, shard = self.model_config, self.tp.shard if self.tp else SINGLE
         self.model = load_model(files, model_config, self.dtype, self.device, max_positions=max_model_len,
                                 cpu_kernels=config.cpu_kernels, float_copies=config.cpu_float_copies,
+                                quantized_activations=config.cpu_quantized_activations,
                                 tp=shard if self.tp else None)
         on_phase("allocating KV cache")
         num_blocks = num_kv_blocks(

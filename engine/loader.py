@@ -87,7 +87,7 @@ FLOAT_COPIES_MAX_MEMORY_SHARE = 0.25
 
 def load_model(files: ModelFiles, config: ModelConfig, dtype: torch.dtype, device: torch.device,
                max_positions: int, cpu_kernels: bool = False, float_copies: bool | None = None,
-               tp=None) -> torch.nn.Module:
+               tp=None, quantized_activations: bool = False) -> torch.nn.Module:
     """Build the model on `device` in `dtype` and fill it from the checkpoint.
 
     cpu_kernels: on the CPU, run the C kernels (kernels/cpu_kernels.c) where built, and in float32 also
@@ -96,6 +96,8 @@ def load_model(files: ModelFiles, config: ModelConfig, dtype: torch.dtype, devic
     float_copies: keep float32 copies of the packed decoder-layer weights; None: while they fit in
     FLOAT_COPIES_MAX_MEMORY_SHARE of the memory.
     tp: an engine.models.parallel.TensorParallel: build and fill only this rank's slices; None: the whole model.
+    quantized_activations: the packed weights in the layout of the kernel that quantizes activations to int8
+    per group and sums integer products (kernels/cpu_quant.py pack_int8): faster, not bit-exact.
     """
     from engine.models import model_class
     from engine.models.layers import rope_cos_sin_cache
@@ -110,6 +112,8 @@ def load_model(files: ModelFiles, config: ModelConfig, dtype: torch.dtype, devic
     if device.type == "cpu" and cpu_kernels and files.format == "gguf" and dtype == torch.float32:
         # Packed before the float parameters exist, so that layers left packed-only never allocate them.
         packed = _pack_quantized(model, files)
+        if quantized_activations:
+            _use_int8_activations(model)
         if packed and not _keep_float_copies(model, packed, float_copies):
             skipped = _drop_float_weights(model, packed)
             log.info("float32 copies of %d packed projections not kept (memory): every batch runs packed",
@@ -173,6 +177,13 @@ def _pack_quantized(model: torch.nn.Module, files: ModelFiles) -> list[str]:
         log.info("quantized CPU kernel: %.0f MB of packed weights", num_bytes / 2**20)
     return [name for name, m in model.named_modules()
             if name.startswith("layers.") and getattr(m, "packed", None) is not None]
+
+
+def _use_int8_activations(model: torch.nn.Module) -> None:
+    from kernels.cpu_quant import to_int8_layout
+    for m in model.modules():
+        if getattr(m, "packed", None) is not None:
+            m.packed = to_int8_layout(m.packed)
 
 
 def _keep_float_copies(model: torch.nn.Module, packed: list[str], wanted: bool | None) -> bool:

@@ -261,7 +261,8 @@ def build_worker_runner(setup: RankSetup) -> ModelRunner:
     dtype = pick_dtype(config.dtype, device)
     max_model_len = initial_max_model_len(config, model_config)
     model = load_model(files, model_config, dtype, device, max_positions=max_model_len,
-                       cpu_kernels=config.cpu_kernels, float_copies=config.cpu_float_copies, tp=tp)
+                       cpu_kernels=config.cpu_kernels, float_copies=config.cpu_float_copies,
+                       quantized_activations=config.cpu_quantized_activations, tp=tp)
     num_blocks = num_kv_blocks(config, ModelRunner.kv_bytes_per_block(model_config, config.block_size, dtype, tp),
                                device)
     num_blocks = agree_num_blocks(num_blocks, device)

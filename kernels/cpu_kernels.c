@@ -12,6 +12,7 @@
  *   scale, zero: [tiles, G, 16] float32 (rows past N are zero; zero optional for q8).
  * Per group: dot = sum_k x[k] * q[k]; acc += scale * dot + zero * sum_k x[k]. Each row's result is
  * computed in the same order whatever M is, so a sequence gets the same numbers alone or batched.
+ * 1b. The same products with activations quantized to int8 per group and integer dot products (section 1b).
  * 2. Paged decode attention and RMSNorm (twins in kernels/reference.py), which in torch cost more in
  *    per-op overhead and gathers than in arithmetic at decode batch sizes.
  * Compiled with -march=native; each kernel has AVX-512, AVX2 and plain C paths (the vec16 helpers).
@@ -282,6 +283,302 @@ void llm_q8_matmul(const float *x, int64_t M, int64_t K, const int8_t *w, const 
             }
         }
     }
+}
+
+/* ---- 1b. The same products with int8 activations (twin: cpu_quant.quant_matmul_int8_twin) ----------------
+ *
+ * Each row of x is quantized per weight group (GS inputs): d = max|x| / 127, q = round(x / d) in -127..127
+ * (llm_quantize_activations). A group's integer sum isum = sum_k q_x[k] * q_w[k] is exact in int32; then,
+ * in float32: acc += w_scale * (d * isum) + w_zero * (d * sum_k q_x[k]). The zero term uses the quantized
+ * sum, not the exact one: the result is then the exact product of the quantized row with W, whose error
+ * (x' - x) . w is smaller than (x' - x) . (w - zero) when the zero is a large offset (Q4_1's minimum).
+ * Packed layouts for this path (kernels/cpu_quant.py pack_int8), 4 inputs of one output per 32-bit lane:
+ *   q4: w[tiles, G, 4, 16, 4] uint8: byte [t, g, c, i, b] = q[16t+i, 32g+8c+b] | q[16t+i, 32g+8c+4+b] << 4
+ *   q8: w[tiles, G, GS/4, 16, 4] int8: [t, g, c, i, b] = q[16t+i, GS*g+4c+b]
+ *   scale, zero: [tiles, G, 16], float16 where that holds them exactly (GGUF's own float16 scales), else float32.
+ * Instructions by build: AVX-512 VNNI vpdpbusd (u8 x s8 -> s32; signed 8-bit weights offset by +128 and
+ * corrected by 128 * sum q_x); AVX-512BW and AVX2 vpmaddubsw + vpmaddwd (signed weights: |w| times x with
+ * w's sign, as maddubs would saturate on the offset form); plain C loops. All give the same integer sums.
+ */
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+typedef __m512i ivec16;   /* 16 int32 lanes, one per output of the tile */
+typedef __m512i wvec;     /* 64 weight bytes: 4 inputs of each of the 16 outputs */
+static inline ivec16 iv_zero(void) { return _mm512_setzero_si512(); }
+static inline wvec w_load(const void *p) { return _mm512_loadu_si512(p); }
+static inline wvec w_lo(wvec w) { return _mm512_and_si512(w, _mm512_set1_epi8(15)); }
+static inline wvec w_hi(wvec w) { return _mm512_and_si512(_mm512_srli_epi16(w, 4), _mm512_set1_epi8(15)); }
+static inline ivec16 iv_add(ivec16 a, ivec16 b) { return _mm512_add_epi32(a, b); }
+static inline vec16 iv_to_float(ivec16 a) { return _mm512_cvtepi32_ps(a); }
+#if defined(__AVX512VNNI__)
+#define Q8_OFFSET 128
+/* acc += per lane sum of 4 u8 weights x 4 s8 inputs (the same x4 in every lane) */
+static inline ivec16 dot4_u(ivec16 acc, wvec w, int32_t x4) {
+    return _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi32(x4));
+}
+static inline wvec w_signed_prep(wvec w) { return _mm512_xor_si512(w, _mm512_set1_epi8((char)0x80)); }  /* w + 128 */
+static inline ivec16 dot4_s(ivec16 acc, wvec w_prepped, int32_t x4) { return dot4_u(acc, w_prepped, x4); }
+#else
+#define Q8_OFFSET 0
+static inline ivec16 dot4_u(ivec16 acc, wvec w, int32_t x4) {
+    const __m512i p = _mm512_maddubs_epi16(w, _mm512_set1_epi32(x4));   /* |pair| <= 2*15*127: no saturation */
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(p, _mm512_set1_epi16(1)));
+}
+static inline wvec w_signed_prep(wvec w) { return w; }
+static inline ivec16 dot4_s(ivec16 acc, wvec w, int32_t x4) {
+    const __mmask64 neg = _mm512_movepi8_mask(w);
+    const __m512i x = _mm512_set1_epi32(x4);
+    const __m512i xs = _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x);      /* x * sign(w) */
+    const __m512i p = _mm512_maddubs_epi16(_mm512_abs_epi8(w), xs);                    /* |pair| <= 2*128*127 */
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(p, _mm512_set1_epi16(1)));
+}
+#endif
+#elif defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#define Q8_OFFSET 0
+typedef struct { __m256i a, b; } ivec16;
+typedef struct { __m256i a, b; } wvec;
+static inline ivec16 iv_zero(void) { return (ivec16){_mm256_setzero_si256(), _mm256_setzero_si256()}; }
+static inline wvec w_load(const void *p) {
+    return (wvec){_mm256_loadu_si256((const __m256i *)p), _mm256_loadu_si256((const __m256i *)p + 1)};
+}
+static inline wvec w_lo(wvec w) {
+    const __m256i m = _mm256_set1_epi8(15);
+    return (wvec){_mm256_and_si256(w.a, m), _mm256_and_si256(w.b, m)};
+}
+static inline wvec w_hi(wvec w) {
+    const __m256i m = _mm256_set1_epi8(15);
+    return (wvec){_mm256_and_si256(_mm256_srli_epi16(w.a, 4), m), _mm256_and_si256(_mm256_srli_epi16(w.b, 4), m)};
+}
+static inline ivec16 iv_add(ivec16 x, ivec16 y) {
+    return (ivec16){_mm256_add_epi32(x.a, y.a), _mm256_add_epi32(x.b, y.b)};
+}
+static inline vec16 iv_to_float(ivec16 x) { return (vec16){_mm256_cvtepi32_ps(x.a), _mm256_cvtepi32_ps(x.b)}; }
+static inline __m256i dot4_8(__m256i w_u8, __m256i x_s8) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(w_u8, x_s8), _mm256_set1_epi16(1));
+}
+static inline ivec16 dot4_u(ivec16 acc, wvec w, int32_t x4) {
+    const __m256i x = _mm256_set1_epi32(x4);
+    return (ivec16){_mm256_add_epi32(acc.a, dot4_8(w.a, x)), _mm256_add_epi32(acc.b, dot4_8(w.b, x))};
+}
+static inline wvec w_signed_prep(wvec w) { return w; }
+static inline ivec16 dot4_s(ivec16 acc, wvec w, int32_t x4) {
+    const __m256i x = _mm256_set1_epi32(x4);
+    return (ivec16){_mm256_add_epi32(acc.a, dot4_8(_mm256_abs_epi8(w.a), _mm256_sign_epi8(x, w.a))),
+                    _mm256_add_epi32(acc.b, dot4_8(_mm256_abs_epi8(w.b), _mm256_sign_epi8(x, w.b)))};
+}
+#else
+#define Q8_OFFSET 0
+typedef struct { int32_t v[TILE]; } ivec16;
+typedef struct { uint8_t b[4 * TILE]; } wvec;
+static inline ivec16 iv_zero(void) { ivec16 r; memset(&r, 0, sizeof r); return r; }
+static inline wvec w_load(const void *p) { wvec r; memcpy(r.b, p, sizeof r.b); return r; }
+static inline wvec w_lo(wvec w) { for (int i = 0; i < 4 * TILE; i++) w.b[i] &= 15; return w; }
+static inline wvec w_hi(wvec w) { for (int i = 0; i < 4 * TILE; i++) w.b[i] >>= 4; return w; }
+static inline ivec16 iv_add(ivec16 a, ivec16 b) { for (int i = 0; i < TILE; i++) a.v[i] += b.v[i]; return a; }
+static inline vec16 iv_to_float(ivec16 a) {   /* through memory: vec16 may be a vector type (AVX-512F, no BW) */
+    float f[TILE];
+    for (int i = 0; i < TILE; i++) f[i] = (float)a.v[i];
+    return v_load(f);
+}
+static inline ivec16 dot4_u(ivec16 acc, wvec w, int32_t x4) {
+    int8_t x[4];
+    memcpy(x, &x4, 4);
+    for (int i = 0; i < TILE; i++)
+        for (int b = 0; b < 4; b++) acc.v[i] += (int32_t)w.b[4 * i + b] * x[b];
+    return acc;
+}
+static inline wvec w_signed_prep(wvec w) { return w; }
+static inline ivec16 dot4_s(ivec16 acc, wvec w, int32_t x4) {
+    int8_t x[4];
+    memcpy(x, &x4, 4);
+    for (int i = 0; i < TILE; i++)
+        for (int b = 0; b < 4; b++) acc.v[i] += (int32_t)(int8_t)w.b[4 * i + b] * x[b];
+    return acc;
+}
+#endif
+
+static inline int32_t load4(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
+
+/* max |a_i|; and a vector of small integers (already rounded and clamped) stored as int8, returning their sum */
+#if defined(__AVX512F__)
+static inline float v_amax(vec16 a) { return _mm512_reduce_max_ps(_mm512_abs_ps(a)); }
+static inline int32_t v_store_int8(int8_t *p, vec16 a) {
+    const __m512i i = _mm512_cvtps_epi32(a);
+    _mm_storeu_si128((__m128i *)p, _mm512_cvtepi32_epi8(i));
+    return _mm512_reduce_add_epi32(i);
+}
+#else
+static inline float v_amax(vec16 a) {
+    float f[TILE], m = 0.0f;
+    v_store(f, a);
+    for (int i = 0; i < TILE; i++) m = fabsf(f[i]) > m ? fabsf(f[i]) : m;
+    return m;
+}
+static inline int32_t v_store_int8(int8_t *p, vec16 a) {
+    float f[TILE];
+    int32_t s = 0;
+    v_store(f, a);
+    for (int i = 0; i < TILE; i++) { p[i] = (int8_t)f[i]; s += (int32_t)f[i]; }
+    return s;
+}
+#endif
+
+/* 16 float16 values to float32 (exact). The int8 layout keeps GGUF's float16 scales as they are where that is
+   exact (Q4_0/Q4_1/Q8_0/Q5_x): 2 bytes instead of 4 a scale, 1/6 of a 4-bit weight's bytes at decode. */
+static inline float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h >> 15) << 31, e = (h >> 10) & 31, m = h & 1023;
+    uint32_t bits;
+    if (e == 31) bits = sign | 0x7f800000u | (m << 13);                 /* inf, nan */
+    else if (e) bits = sign | ((e + 112) << 23) | (m << 13);            /* normal: rebias 15 -> 127 */
+    else if (!m) bits = sign;                                           /* zero */
+    else {                                                              /* subnormal: normalize */
+        int shift = 0;
+        uint32_t mm = m;
+        while (!(mm & 1024)) { mm <<= 1; shift++; }
+        bits = sign | ((uint32_t)(113 - shift) << 23) | ((mm & 1023) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+static inline vec16 v_load_half(const uint16_t *p) {
+#if defined(__AVX512F__)
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+    return (vec16){_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)),
+                   _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p + 1))};
+#else
+    float f[TILE];
+    for (int i = 0; i < TILE; i++) f[i] = half_to_float(p[i]);
+    return v_load(f);
+#endif
+}
+/* a tile's 16 scales (or zeros) of group g, float16 or float32 */
+static inline vec16 v_load_scales(const void *p, int half, int64_t g) {
+    return half ? v_load_half((const uint16_t *)p + g * TILE) : v_load((const float *)p + g * TILE);
+}
+
+/* Quantize each GS-input group of each row (the twin: cpu_quant.quantize_activations):
+   q [M, K] int8; d [M, G] the scales; qsum [M, G] the sums of q, as int32. d = max|x| / 127 and
+   q = round-half-even(x * (1 / d)) in float32, exactly as the twin computes them (an all-zero group: d = 0, q = 0). */
+void llm_quantize_activations(const float *x, int64_t M, int64_t K, int64_t GS, int8_t *q, float *d,
+                              int32_t *qsum) {
+    const int64_t G = K / GS;
+    for (int64_t r = 0; r < M; r++)   /* serial: ~0.5 ns an input, a few percent of the product's time */
+        for (int64_t g = 0; g < G; g++) {
+            const float *xg = x + r * K + g * GS;
+            int8_t *qg = q + r * K + g * GS;
+            float amax = 0.0f;
+            for (int64_t j = 0; j < GS; j += TILE) {
+                const float a = v_amax(v_load(xg + j));
+                amax = a > amax ? a : amax;
+            }
+            const float dg = amax / 127.0f, inv = dg > 0.0f ? 1.0f / dg : 0.0f;
+            int32_t s = 0;
+            for (int64_t j = 0; j < GS; j += TILE)
+                s += v_store_int8(qg + j, v_clamp(v_round(v_mul(v_load(xg + j), v_set1(inv))), -127.0f, 127.0f));
+            d[r * G + g] = dg;
+            qsum[r * G + g] = s;
+        }
+}
+
+/* acc += scale * (d * isum) (+ zero * (d * qsum)): one group's float step, the same in every build */
+ALWAYS_INLINE vec16 int_group_step(vec16 acc, ivec16 isum, vec16 sc, const vec16 *zp, float d, int32_t qsum) {
+    if (zp) acc = v_fma_s(d * (float)qsum, *zp, acc);
+    return v_fma(sc, v_mul(iv_to_float(isum), v_set1(d)), acc);
+}
+
+/* R rows of one 16-output tile over 4-bit weights: each 64-byte load (8 inputs of 16 outputs) serves R rows. */
+ALWAYS_INLINE void q4i_rows(const int8_t *q, int64_t K, int64_t G, const uint8_t *w, const void *scale,
+                            const void *zero, int half, const float *d, const int32_t *qsum, const int R, float *out,
+                            int64_t N, int64_t n_valid) {
+    vec16 acc[ROW_BLOCK];
+    for (int r = 0; r < R; r++) acc[r] = v_zero();
+    for (int64_t g = 0; g < G; g++) {
+        const uint8_t *p = w + g * 16 * TILE;
+        ivec16 s[ROW_BLOCK];
+        for (int r = 0; r < R; r++) s[r] = iv_zero();
+        for (int c = 0; c < 4; c++) {
+            const wvec v = w_load(p + c * 4 * TILE), lo = w_lo(v), hi = w_hi(v);
+            for (int r = 0; r < R; r++) {
+                const int8_t *qr = q + r * K + g * 32 + 8 * c;
+                s[r] = dot4_u(dot4_u(s[r], lo, load4(qr)), hi, load4(qr + 4));
+            }
+        }
+        const vec16 sc = v_load_scales(scale, half, g), zp = v_load_scales(zero, half, g);
+        for (int r = 0; r < R; r++) acc[r] = int_group_step(acc[r], s[r], sc, &zp, d[r * G + g], qsum[r * G + g]);
+    }
+    for (int r = 0; r < R; r++) store_tile(out + r * N, acc[r], n_valid);
+}
+
+ALWAYS_INLINE void q8i_rows(const int8_t *q, int64_t K, int64_t G, int64_t GS, const int8_t *w, const void *scale,
+                            const void *zero, int half, const float *d, const int32_t *qsum, const int R, float *out,
+                            int64_t N, int64_t n_valid) {
+    vec16 acc[ROW_BLOCK];
+    for (int r = 0; r < R; r++) acc[r] = v_zero();
+    for (int64_t g = 0; g < G; g++) {
+        const int8_t *p = w + g * GS * TILE;
+        ivec16 s[ROW_BLOCK];
+        for (int r = 0; r < R; r++) s[r] = iv_zero();
+        for (int64_t c = 0; c < GS / 4; c++) {
+            const wvec v = w_signed_prep(w_load(p + c * 4 * TILE));
+            for (int r = 0; r < R; r++) s[r] = dot4_s(s[r], v, load4(q + r * K + g * GS + 4 * c));
+        }
+        const vec16 sc = v_load_scales(scale, half, g), zp = zero ? v_load_scales(zero, half, g) : v_zero();
+        for (int r = 0; r < R; r++) {
+            ivec16 isum = s[r];
+#if Q8_OFFSET
+            isum = iv_add(isum, _mm512_set1_epi32(-Q8_OFFSET * qsum[r * G + g]));   /* undo the +128 on w */
+#endif
+            acc[r] = int_group_step(acc[r], isum, sc, zero ? &zp : NULL, d[r * G + g], qsum[r * G + g]);
+        }
+    }
+    for (int r = 0; r < R; r++) store_tile(out + r * N, acc[r], n_valid);
+}
+
+/* One call for both widths: bits 4 (GS = 32, zero required) or 8 (GS 32 or 16, zero optional); scale and zero
+   [tiles, G, 16] float16 (half_scales) or float32. */
+void llm_int8_matmul(const float *x, int64_t M, int64_t K, const void *w, const void *scale, const void *zero,
+                     int64_t half_scales, int64_t bits, int64_t GS, int64_t N, float *out) {
+    const int half = half_scales != 0;
+    const size_t sbytes = half ? 2 : 4;
+    const int64_t G = K / GS, tiles = (N + TILE - 1) / TILE;
+    int8_t *q = malloc((size_t)(M * K));
+    float *d = malloc(sizeof(float) * (size_t)(M * G));
+    int32_t *qsum = malloc(sizeof(int32_t) * (size_t)(M * G));
+    llm_quantize_activations(x, M, K, GS, q, d, qsum);
+    #pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        const int64_t n_valid = N - t * TILE < TILE ? N - t * TILE : TILE;
+        const char *st = (const char *)scale + (size_t)(t * G * TILE) * sbytes;
+        const char *zt = zero ? (const char *)zero + (size_t)(t * G * TILE) * sbytes : NULL;
+        for (int64_t r0 = 0; r0 < M; r0 += ROW_BLOCK) {
+            const int8_t *qr = q + r0 * K;
+            const float *dr = d + r0 * G;
+            const int32_t *sr = qsum + r0 * G;
+            float *o = out + r0 * N + t * TILE;
+            const int R = M - r0 < ROW_BLOCK ? (int)(M - r0) : ROW_BLOCK;
+            if (bits == 4) {
+                const uint8_t *wt = (const uint8_t *)w + t * G * 16 * TILE;
+#define Q4I(n) q4i_rows(qr, K, G, wt, st, zt, half, dr, sr, n, o, N, n_valid)
+                switch (R) {
+                    case 1: Q4I(1); break; case 2: Q4I(2); break; case 3: Q4I(3); break; case 4: Q4I(4); break;
+                    case 5: Q4I(5); break; case 6: Q4I(6); break; case 7: Q4I(7); break; default: Q4I(8); break;
+                }
+#undef Q4I
+            } else {
+                const int8_t *wt = (const int8_t *)w + t * G * GS * TILE;
+#define Q8I(n) q8i_rows(qr, K, G, GS, wt, st, zt, half, dr, sr, n, o, N, n_valid)
+                switch (R) {
+                    case 1: Q8I(1); break; case 2: Q8I(2); break; case 3: Q8I(3); break; case 4: Q8I(4); break;
+                    case 5: Q8I(5); break; case 6: Q8I(6); break; case 7: Q8I(7); break; default: Q8I(8); break;
+                }
+#undef Q8I
+            }
+        }
+    }
+    free(qsum);
+    free(d);
+    free(q);
 }
 
 static inline float dot_f32(const float *a, const float *b, int64_t n) {

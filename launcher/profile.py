@@ -96,6 +96,10 @@ class KernelsSection:
                                          "chunks over 64 tokens (faster prefill, ~5x the packed size in "
                                          "memory); unset: only while they fit in a quarter of the memory",
                                          "bool")
+    cpu_quantized_activations: bool = key(False, "on CPU, quantize activations to int8 per weight group for "
+                                          "the packed-weight products (integer dot products, as llama.cpp "
+                                          "does): faster decode, not bit-exact with float32 activations",
+                                          "bool")
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,6 +277,7 @@ def engine_kwargs(profile: Profile, entry: ModelEntry | None = None) -> dict[str
               "autotune": profile.kernels.autotune, "autotune_cache_dir": profile.kernels.cache_dir,
               "cpu_kernels": profile.kernels.cpu_kernels,
               "cpu_float_copies": profile.kernels.cpu_float_copies,
+              "cpu_quantized_activations": profile.kernels.cpu_quantized_activations,
               "tensor_parallel_size": d.tensor_parallel_size, "distributed_backend": d.backend,
               "limit_images_per_prompt": e.limit_images_per_prompt}
     return {k: v for k, v in kwargs.items() if v is not None}

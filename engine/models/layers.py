@@ -27,7 +27,8 @@ QUANT_MAX_ROWS = 64
 def linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """x @ W^T (+ b) for an nn.Linear (or a tied nn.Embedding as the LM head): the quantized CPU kernel
     where the loader packed W (layer.packed) and the batch is small or no float32 copy was kept, float32
-    weights otherwise."""
+    weights otherwise. The packed layout picks the kernel: float32 activations, or int8-quantized ones where
+    the loader repacked for them (EngineConfig.cpu_quantized_activations)."""
     # F.linear on the weights directly: nn.Module.__call__ costs microseconds per call, per layer.
     packed, bias = getattr(layer, "packed", None), getattr(layer, "bias", None)
     if packed is not None and (x.shape[0] <= QUANT_MAX_ROWS or layer.weight is None):  # None: packed only

@@ -8,13 +8,17 @@ import pytest
 import torch
 
 from kernels import cpu_build, reference
-from kernels.cpu_quant import QuantizedTensor, pack, quant_matmul, quant_matmul_twin, unpack
+from kernels.cpu_quant import (QuantizedTensor, pack, pack_int8, quant_matmul, quant_matmul_int8_twin,
+                                quant_matmul_twin, quantize_activations, quantize_activations_c, to_int8_layout,
+                                unpack)
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                                 reason="no C compiler")
 
-# x86 builds of each vector path: AVX-512, AVX2+FMA, and the plain C loops (baseline x86-64 = SSE2).
-X86_ARCHES = {"native": ("-march=native",), "avx2": ("-march=x86-64-v3",), "plain": ("-march=x86-64",)}
+# x86 builds of each vector path: this CPU's own (AVX-512 with VNNI here: the int8 path's vpdpbusd),
+# AVX-512F/BW without VNNI (x86-64-v4: vpmaddubsw), AVX2+FMA, and the plain C loops (baseline x86-64 = SSE2).
+X86_ARCHES = {"native": ("-march=native",), "avx512": ("-march=x86-64-v4",), "avx2": ("-march=x86-64-v3",),
+              "plain": ("-march=x86-64",)}
 
 
 def random_weight(bits: int, n: int, k: int, gen: torch.Generator, group: int = 32,
@@ -27,6 +31,12 @@ def random_weight(bits: int, n: int, k: int, gen: torch.Generator, group: int = 
         return QuantizedTensor(q, scale, zero, 4)
     q = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
     return QuantizedTensor(q, scale, zero if with_zero else None, 8, group)
+
+
+def half_scales(w: QuantizedTensor) -> QuantizedTensor:
+    """The same weight with float16-exact scales and zeros, as GGUF's Q4_0/Q4_1/Q8_0 carry them."""
+    zero = None if w.zero is None else w.zero.half().float()
+    return QuantizedTensor(w.q, w.scale.half().float(), zero, w.bits, w.group)
 
 
 @pytest.fixture(scope="module", params=list(X86_ARCHES) if platform.machine() in ("x86_64", "AMD64") else ["native"])
@@ -57,38 +67,101 @@ def test_matches_twin(lib: ctypes.CDLL, kind: str, n: int, k: int) -> None:
         torch.testing.assert_close(got, quant_matmul_twin(x, w), rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("packer", [pack, pack_int8], ids=["float-activations", "int8-activations"])
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_rows_do_not_depend_on_batch_mates(lib: ctypes.CDLL, kind: str) -> None:
+def test_rows_do_not_depend_on_batch_mates(lib: ctypes.CDLL, kind: str, packer) -> None:
     """A sequence's numbers are bit-identical whether its row runs alone or in a batch."""
     bits, group, with_zero = KINDS[kind]
     gen = torch.Generator().manual_seed(bits)
-    w = pack(random_weight(bits, 48, 128, gen, group, with_zero))
+    w = packer(random_weight(bits, 48, 128, gen, group, with_zero))
     x = torch.randn(11, 128, generator=gen)
     batched = quant_matmul(x, w, lib)
     for r in range(11):
         assert torch.equal(quant_matmul(x[r:r + 1], w, lib), batched[r:r + 1])
 
 
-def test_non_contiguous_input_and_empty_batch(lib: ctypes.CDLL) -> None:
+@pytest.mark.parametrize("packer", [pack, pack_int8], ids=["float-activations", "int8-activations"])
+def test_non_contiguous_input_and_empty_batch(lib: ctypes.CDLL, packer) -> None:
     gen = torch.Generator().manual_seed(1)
-    w = pack(random_weight(4, 32, 64, gen))
+    w = packer(random_weight(4, 32, 64, gen))
     x = torch.randn(64, 6, generator=gen).t()          # [6, 64], column-major
     torch.testing.assert_close(quant_matmul(x, w, lib), quant_matmul_twin(x, w), rtol=2e-5, atol=2e-5)
     assert quant_matmul(torch.empty(0, 64), w, lib).shape == (0, 32)
 
 
+@pytest.mark.parametrize("packer", [pack, pack_int8, lambda w: to_int8_layout(pack(w))],
+                         ids=["pack", "pack_int8", "to_int8_layout"])
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_pack_round_trip(kind: str) -> None:
+def test_pack_round_trip(kind: str, packer) -> None:
     bits, group, with_zero = KINDS[kind]
     gen = torch.Generator().manual_seed(7)
     w = random_weight(bits, 37, 96, gen, group, with_zero)
-    packed = pack(w)
+    packed = packer(w)
     assert packed.data.shape[0] == 3 and (packed.out_features, packed.in_features) == (37, 96)
     back = unpack(packed)
     assert torch.equal(back.q, w.q) and torch.equal(back.scale, w.scale)
     assert (back.zero is None) == (w.zero is None)
     if w.zero is not None:
         assert torch.equal(back.zero, w.zero)
+
+
+@pytest.mark.parametrize("is_half", [True, False], ids=["float16-scales", "float32-scales"])
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("n, k", [(37, 96), (64, 32), (16, 256), (200, 160)])
+def test_int8_activations_match_twin(lib: ctypes.CDLL, kind: str, n: int, k: int, is_half: bool) -> None:
+    """The int8-activation kernel against its twin; SIMD builds sum in the twin's order with FMAs (equal up to
+    the twin's rare double rounding), the plain build without FMA (an ulp or so a group)."""
+    bits, group, with_zero = KINDS[kind]
+    gen = torch.Generator().manual_seed(n * k + bits + 1)
+    qw = random_weight(bits, n, k, gen, group, with_zero)
+    w = pack_int8(half_scales(qw) if is_half else qw)
+    assert w.activations == "int8" and (w.scale.dtype == torch.float16) == is_half
+    for m in (1, 3, 8, 9, 13):
+        x = torch.randn(m, k, generator=gen) * torch.rand(m, 1, generator=gen) * 4
+        got = quant_matmul(x, w, lib)
+        assert got.shape == (m, n) and got.dtype == torch.float32
+        torch.testing.assert_close(got, quant_matmul_int8_twin(x, w), rtol=1e-5, atol=1e-5)
+        # and near the exact product: int8 rows lose ~1% (relative to the output's size)
+        exact = quant_matmul_twin(x, pack(qw))
+        assert (got - exact).norm() < 0.03 * exact.norm()
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_int8_integer_sums_are_exact(lib: ctypes.CDLL, kind: str) -> None:
+    """Integer rows whose groups each reach +-127 quantize to themselves (d = 1): with unit scales and integer
+    zeros every float step is exact, so the kernel must give the integer product exactly (every path; the
+    8-bit weights span -128..127, the VNNI build's offset trick and the others' sign trick included)."""
+    bits, group, with_zero = KINDS[kind]
+    gen = torch.Generator().manual_seed(11 + bits)
+    n, k, m = 45, 4 * group, 10
+    w = random_weight(bits, n, k, gen, group, with_zero)
+    if bits == 8:
+        w.q[0, :group] = -128
+    zero = None if w.zero is None else torch.randint(-3, 4, w.zero.shape, generator=gen).float()
+    w = QuantizedTensor(w.q, torch.ones_like(w.scale), zero, bits, group)
+    x = torch.randint(-127, 128, (m, k), generator=gen).float()
+    x.view(m, -1, group)[:, :, 0] = 127.0 * torch.where(torch.rand(m, k // group, generator=gen) < 0.5, -1, 1)
+    want = (x.double() @ w.dequantize().double().t()).float()
+    got = quant_matmul(x, pack_int8(w), lib)
+    assert torch.equal(got, want)
+    assert torch.equal(quant_matmul_int8_twin(x, pack_int8(w)), want)
+
+
+@pytest.mark.parametrize("group", [32, 16])
+def test_activation_quantization_matches_twin_exactly(lib: ctypes.CDLL, group: int) -> None:
+    """The kernel's int8 rows and scales are the twin's, bit for bit: halfway cases round to even, an
+    all-zero group gets d = 0, huge and tiny groups alike."""
+    gen = torch.Generator().manual_seed(group)
+    m, k = 7, 6 * group
+    x = torch.randn(m, k, generator=gen) * torch.logspace(-20, 20, m)[:, None]
+    x[1, :group] = 0.0
+    x[2, :group] = torch.arange(group) - 0.5 * (group - 1)        # .5 multiples of d: ties
+    x[2, group - 1] = 127.0
+    q, d, qsum = quantize_activations_c(x, group, lib)
+    want_q, want_d = quantize_activations(x, group)
+    assert torch.equal(q, want_q) and torch.equal(d, want_d)
+    assert torch.equal(qsum, want_q.view(m, -1, group).sum(-1, dtype=torch.int32))
+    assert d[1, 0] == 0 and not q[1, :group].any() and q.abs().max() == 127
 
 
 def test_build_is_cached_and_reports_a_missing_compiler(tmp_path: Path) -> None:
