@@ -126,7 +126,10 @@ class EngineCore:
                 return [TokenOutput(rid, i, [], finish_reason="error", error=f"structured outputs: {e}",
                                     num_prompt_tokens=len(request.prompt_token_ids))
                         for i in range(params.n)]
-        samples = [Sample(rid, i, self._sequence(f"{rid}#{i}", request),
+        # Qwen2-VL's rotary positions of the prompt: computed once, shared (read only) by every sample
+        rope = self.model.prompt_rope_positions(request.prompt_token_ids, request.images) \
+            if getattr(self.model, "uses_mrope", False) else None
+        samples = [Sample(rid, i, self._sequence(f"{rid}#{i}", request, rope),
                            None if params.seed is None else make_generator(params.seed + i, self.device), matchers[i])
                    for i in range(params.num_samples)]
         for sample in samples:
@@ -135,11 +138,11 @@ class EngineCore:
         self.requests[rid] = RequestState(request, samples)
         return []
 
-    def _sequence(self, seq_id: str, request: AddRequest) -> Sequence:
+    @staticmethod
+    def _sequence(seq_id: str, request: AddRequest, rope: tuple | None) -> Sequence:
         seq = Sequence(seq_id, request.prompt_token_ids, request.params, request.arrival_time, request.images)
-        if getattr(self.model, "uses_mrope", False):
-            seq.mrope_positions, seq.mrope_delta = self.model.prompt_rope_positions(request.prompt_token_ids,
-                                                                                    request.images)
+        if rope is not None:
+            seq.mrope_positions, seq.mrope_delta = rope
         return seq
 
     def _structured_backend(self):

@@ -28,20 +28,21 @@ class EncoderCache:
     def embeddings(self, images: list[ImageInput]) -> dict[bytes, torch.Tensor]:
         """[num_tokens, hidden] per content hash for these images; the missing ones encoded in one batch."""
         found: dict[bytes, torch.Tensor] = {}
-        missing: list[ImageInput] = []
+        missing: dict[bytes, ImageInput] = {}   # by hash: an image twice in a step is encoded once
         for image in images:
             h = image.content_hash
-            if h in found or any(m.content_hash == h for m in missing):
+            if h in found or h in missing:
                 continue
             cached = self._entries.get(h)
             if cached is None:
-                missing.append(image)
+                missing[h] = image
             else:
                 self._entries.move_to_end(h)
                 found[h] = cached
                 self.num_hits += 1
         if missing:
-            for image, embeds in zip(missing, self._encode(missing), strict=True):
+            batch = list(missing.values())
+            for image, embeds in zip(batch, self._encode(batch), strict=True):
                 assert embeds.shape[0] == image.num_tokens, (embeds.shape, image.num_tokens)
                 found[image.content_hash] = embeds
                 self._put(image.content_hash, embeds)

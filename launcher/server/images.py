@@ -39,14 +39,15 @@ def decode_image(data: bytes, max_pixels: int, where: str):
     """Decode (all of it, now); a non-image, a truncated file or an oversized canvas is a 400."""
     from PIL import Image, UnidentifiedImageError
     try:
-        with Image.open(io.BytesIO(data), formats=_FORMATS) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise bad_request(f"'{where}': the image is {width}x{height}, more than "
-                                  f"server.max_image_pixels ({max_pixels}) pixels", where, code="image_too_large")
-            image.load()   # decodes now: a truncated file fails here, not in the engine
-            # NOTE: the mode is kept: each model's processor makes RGB its own way (transparency onto white)
-            return image.copy()
+        # NOTE: no `with`: the image outlives this call, and its source is bytes in memory (nothing to close)
+        image = Image.open(io.BytesIO(data), formats=_FORMATS)
+        width, height = image.size
+        if width * height > max_pixels:
+            raise bad_request(f"'{where}': the image is {width}x{height}, more than "
+                              f"server.max_image_pixels ({max_pixels}) pixels", where, code="image_too_large")
+        image.load()   # decodes now: a truncated file fails here, not in the engine
+        # the mode is kept: each model's processor makes RGB its own way (transparency onto white)
+        return image
     except UnidentifiedImageError:
         raise bad_request(f"'{where}': not an image (or not one of {', '.join(_FORMATS)})", where,
                           code="invalid_image") from None
