@@ -79,7 +79,7 @@ class EngineCore:
         self.model = load_model(files, model_config, self.dtype, self.device, max_positions=max_model_len,
                                 cpu_kernels=config.cpu_kernels, float_copies=config.cpu_float_copies,
                                 quantized_activations=config.cpu_quantized_activations,
-                                tp=shard if self.tp else None)
+                                weight_cache=config.cpu_weight_cache, tp=shard if self.tp else None)
         on_phase("allocating KV cache")
         num_blocks = num_kv_blocks(
             config, ModelRunner.kv_bytes_per_block(model_config, config.block_size, self.dtype, shard), self.device)

@@ -87,7 +87,7 @@ FLOAT_COPIES_MAX_MEMORY_SHARE = 0.25
 
 def load_model(files: ModelFiles, config: ModelConfig, dtype: torch.dtype, device: torch.device,
                max_positions: int, cpu_kernels: bool = False, float_copies: bool | None = None,
-               tp=None, quantized_activations: bool = False) -> torch.nn.Module:
+               tp=None, quantized_activations: bool = False, weight_cache: bool = True) -> torch.nn.Module:
     """Build the model on `device` in `dtype` and fill it from the checkpoint.
 
     cpu_kernels: on the CPU, run the C kernels (kernels/cpu_kernels.c) where built, and in float32 also
@@ -98,9 +98,10 @@ def load_model(files: ModelFiles, config: ModelConfig, dtype: torch.dtype, devic
     tp: an engine.models.parallel.TensorParallel: build and fill only this rank's slices; None: the whole model.
     quantized_activations: the packed weights in the layout of the kernel that quantizes activations to int8
     per group and sums integer products (kernels/cpu_quant.py pack_int8): faster, not bit-exact.
+    weight_cache: where weights are packed (GGUF on the CPU, one rank), map them from the cache the first
+    start wrote (engine/packed_cache.py) instead of dequantizing and packing again.
     """
     from engine.models import model_class
-    from engine.models.layers import rope_cos_sin_cache
     from kernels import get_ops
     cls = model_class(config.family)
     try:
@@ -109,7 +110,17 @@ def load_model(files: ModelFiles, config: ModelConfig, dtype: torch.dtype, devic
     except ValueError as e:   # a config the model cannot be built from (a vision tower's unknown activation ...)
         raise LoadError(f"{files.path}: {e}") from None
     skipped: set[str] = set()
-    if device.type == "cpu" and cpu_kernels and files.format == "gguf" and dtype == torch.float32:
+    packs = device.type == "cpu" and cpu_kernels and files.format == "gguf" and dtype == torch.float32
+    cache = None
+    if packs and tp is None and weight_cache:
+        from engine import packed_cache
+        cache = packed_cache.cache_path(files, model, {"float_copies": float_copies,
+                                                       "quantized_activations": quantized_activations})
+        if cache is not None and packed_cache.restore(model, cache):
+            log.info("packed weights mapped from %s", cache)
+            _rope_buffers(model, files, config, max_positions, device)
+            return model.eval()
+    if packs:
         # Packed before the float parameters exist, so that layers left packed-only never allocate them.
         packed = _pack_quantized(model, files)
         if quantized_activations:
@@ -119,18 +130,26 @@ def load_model(files: ModelFiles, config: ModelConfig, dtype: torch.dtype, devic
             log.info("float32 copies of %d packed projections not kept (memory): every batch runs packed",
                      len(packed))
     model = materialize(model, dtype, device)
-    # Buffers computed at construction (the rotary table) were lost on meta: compute them for real.
-    model.cos_sin_cache = rope_cos_sin_cache(config.head_dim, config.rope_theta, config.rope_scaling,
-                                             max_positions, _rope_freq_factors(files)).to(device)
-    if hasattr(model, "init_buffers"):   # a vision tower's own computed buffers (its rotary, position ids)
-        model.init_buffers(device)
+    _rope_buffers(model, files, config, max_positions, device)
     try:
         model.load_weights(iter_weights(files, dtype, skip=skipped), str(files.path))
     except ValueError as e:
         raise LoadError(str(e)) from None
     if device.type == "cpu":
         _column_major_projections(model)
+    if cache is not None:
+        packed_cache.save(model, cache, files.path)
     return model.eval()
+
+
+def _rope_buffers(model: torch.nn.Module, files: ModelFiles, config: ModelConfig, max_positions: int,
+                  device: torch.device) -> None:
+    """Buffers computed at construction (the rotary table) were lost on meta: compute them for real."""
+    from engine.models.layers import rope_cos_sin_cache
+    model.cos_sin_cache = rope_cos_sin_cache(config.head_dim, config.rope_theta, config.rope_scaling,
+                                             max_positions, _rope_freq_factors(files)).to(device)
+    if hasattr(model, "init_buffers"):   # a vision tower's own computed buffers (its rotary, position ids)
+        model.init_buffers(device)
 
 
 def materialize(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:

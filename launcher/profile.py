@@ -96,6 +96,8 @@ class KernelsSection:
                                          "chunks over 64 tokens (faster prefill, ~5x the packed size in "
                                          "memory); unset: only while they fit in a quarter of the memory",
                                          "bool")
+    cpu_weight_cache: bool = key(True, "on CPU, keep the packed GGUF weights in $LLM_HOME/packed after the "
+                                 "first start and map them on the next (no dequantize and repack)", "bool")
     cpu_quantized_activations: bool = key(False, "on CPU, quantize activations to int8 per weight group for "
                                           "the packed-weight products (integer dot products, as llama.cpp "
                                           "does): faster decode, not bit-exact with float32 activations",
@@ -278,6 +280,7 @@ def engine_kwargs(profile: Profile, entry: ModelEntry | None = None) -> dict[str
               "cpu_kernels": profile.kernels.cpu_kernels,
               "cpu_float_copies": profile.kernels.cpu_float_copies,
               "cpu_quantized_activations": profile.kernels.cpu_quantized_activations,
+              "cpu_weight_cache": profile.kernels.cpu_weight_cache,
               "tensor_parallel_size": d.tensor_parallel_size, "distributed_backend": d.backend,
               "limit_images_per_prompt": e.limit_images_per_prompt}
     return {k: v for k, v in kwargs.items() if v is not None}
