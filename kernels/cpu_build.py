@@ -1,5 +1,6 @@
-"""Build and load kernels/cpu_kernels.c: compiled once per (source, compiler, flags, CPU) with the system
-C compiler into $LLM_HOME/kernels, loaded with ctypes. Without a compiler the CPU path stays pure torch."""
+"""Build and load kernels/cpu_kernels.c and kernels/cpu_layers.c as one library: compiled once per (sources,
+compiler, flags, CPU) with the system C compiler into $LLM_HOME/kernels, loaded with ctypes. Without a compiler
+the CPU path stays pure torch."""
 from __future__ import annotations
 
 import ctypes
@@ -15,6 +16,7 @@ from pathlib import Path
 from kernels.user_dir import llm_home
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
+LAYERS_SOURCE = Path(__file__).with_name("cpu_layers.c")   # the fused decoder stack, over SOURCE's kernels
 DISABLE_ENV = "LLM_CPU_KERNELS"   # "0": never build or load (pure torch twins on the CPU)
 
 
@@ -37,7 +39,9 @@ def build(cache_dir: Path, compiler: str | None = None, arch_flags: tuple[str, .
     # NOTE: no implicit FMA contraction: scalar loops round like their torch twins (explicit vector
     # FMAs are written as such).
     flags = ["-O3", *arch_flags, "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, *flags, _cpu_signature()]).encode()).hexdigest()[:16]
+    sources = [SOURCE, LAYERS_SOURCE]   # NOTE: read here, not at import: scripts swap SOURCE for other versions
+    key = hashlib.sha256("\0".join([*(s.read_text() for s in sources), cc, *flags, _cpu_signature()]).encode()
+                         ).hexdigest()[:16]
     target = Path(cache_dir) / f"cpu_kernels-{key}.so"
     if target.exists():
         return target
@@ -45,9 +49,9 @@ def build(cache_dir: Path, compiler: str | None = None, arch_flags: tuple[str, .
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        result = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        result = subprocess.run([cc, *flags, *map(str, sources), "-o", tmp], capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(f"{cc} failed on {SOURCE.name}: {result.stderr.strip()[:500]}")
+            raise RuntimeError(f"{cc} failed on {' + '.join(s.name for s in sources)}: {result.stderr.strip()[:500]}")
         os.replace(tmp, target)   # atomic: concurrent builders never load a half-written file
     finally:
         if os.path.exists(tmp):
@@ -70,10 +74,14 @@ def bind(path: Path) -> ctypes.CDLL:
         "llm_rms_norm": [p, p, p, f32, i64, i64, p, p],
         "llm_rotary_embedding": [p, i64, p, i64, p, p, i64, i64, i64, i64, p, p],
         "llm_silu_and_mul": [p, i64, i64, p],
+        "llm_decode_stack": [p, i64, i64, i64, i64, i64, i64, i64, f32, f32, p, p, p, p, p, i64, p, p, p, i64, p,
+                             p, p],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, None
+    lib.llm_decode_stack_scratch_floats.argtypes = [i64] * 7
+    lib.llm_decode_stack_scratch_floats.restype = i64
     return lib
 
 

@@ -82,3 +82,93 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = x.new_empty((x.shape[0], x.shape[1] // 2))
     lib.llm_silu_and_mul(x.data_ptr(), x.shape[0], x.shape[1] // 2, out.data_ptr())
     return out
+
+
+# -- the whole decoder stack of a decode step in one call (kernels/cpu_layers.c) ------------------------
+
+class _PackedWeight(ctypes.Structure):
+    """NOTE: mirrors llm_packed_weight in kernels/cpu_layers.c."""
+    _fields_ = [("data", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p),
+                ("bits", ctypes.c_int64), ("group", ctypes.c_int64), ("out_features", ctypes.c_int64),
+                ("in_features", ctypes.c_int64), ("int8_activations", ctypes.c_int64),
+                ("half_scales", ctypes.c_int64)]
+
+
+class _DecoderLayer(ctypes.Structure):
+    """NOTE: mirrors llm_decoder_layer in kernels/cpu_layers.c."""
+    _fields_ = [("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("q_norm", ctypes.c_void_p),
+                ("k_norm", ctypes.c_void_p), ("qkv_bias", ctypes.c_void_p), ("qkv", _PackedWeight),
+                ("o", _PackedWeight), ("gate_up", _PackedWeight), ("down", _PackedWeight)]
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _packed(w) -> _PackedWeight:
+    """A kernels.cpu_quant.PackedWeight as quant_matmul hands it to the kernels."""
+    return _PackedWeight(w.data.data_ptr(), w.scale.data_ptr(), _ptr(w.zero), w.bits, w.group, w.out_features,
+                         w.in_features, w.activations == "int8", w.scale.dtype == torch.float16)
+
+
+class DecodeStack:
+    """One model's decoder layers as llm_decode_stack takes them: weight pointers gathered once (the weights
+    never move after load), scratch for up to max_rows rows. Holds the tensors it points into.
+
+    layers: DecoderLayer modules whose four projections are packed (module.packed), all float32."""
+
+    def __init__(self, layers, max_rows: int):
+        first = layers[0].self_attn
+        self.num_layers, self.max_rows = len(layers), max_rows
+        self.hidden = layers[0].input_layernorm.weight.shape[0]
+        self.num_heads, self.num_kv_heads, self.head_dim = first.num_heads, first.num_kv_heads, first.head_dim
+        self.intermediate = layers[0].mlp.down_proj.packed.in_features
+        self.eps, self.scale = layers[0].input_layernorm.eps, first.attn.scale
+        structs, self._keep = [], []
+        xsum_per_row = 0
+        for layer in layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            weights = [attn.qkv_proj.packed, attn.o_proj.packed, mlp.gate_up_proj.packed, mlp.down_proj.packed]
+            xsum_per_row = max(xsum_per_row, *(w.in_features // w.group for w in weights))
+            norms = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                     None if attn.q_norm is None else attn.q_norm.weight,
+                     None if attn.k_norm is None else attn.k_norm.weight, attn.qkv_proj.bias]
+            self._keep += weights + norms
+            structs.append(_DecoderLayer(*(_ptr(t) for t in norms), *map(_packed, weights)))
+        self.layers = (_DecoderLayer * len(structs))(*structs)
+        self._lib = lib = _library()
+        floats = lib.llm_decode_stack_scratch_floats(max_rows, self.hidden, self.num_heads, self.num_kv_heads,
+                                                     self.head_dim, self.intermediate, xsum_per_row)
+        self.scratch = torch.empty(floats, dtype=torch.float32)
+        self._caches: tuple[object, ctypes.Array, ctypes.Array] | None = None
+
+    def _cache_pointers(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[ctypes.Array, ctypes.Array]:
+        # The runner hands the same list every step: its pointers are gathered once (the list is kept, so
+        # its id is not reused).
+        if self._caches is None or self._caches[0] is not kv_caches:
+            array = ctypes.c_void_p * self.num_layers
+            self._caches = (kv_caches, array(*(k.data_ptr() for k, _ in kv_caches)),
+                            array(*(v.data_ptr() for _, v in kv_caches)))
+        return self._caches[1], self._caches[2]
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], slot_mapping: torch.Tensor,
+                 block_tables: torch.Tensor, context_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, hidden] embeddings of B decode rows -> (the last layer's output, its residual), both [B, hidden],
+        as DecoderLayer.forward returns them."""
+        b = x.shape[0]
+        assert 0 < b <= self.max_rows and len(kv_caches) == self.num_layers
+        k_cache = kv_caches[0][0]
+        assert k_cache.dtype == torch.float32 and k_cache.is_contiguous()
+        x = x.contiguous()
+        pos, slots = positions.to(torch.int64).contiguous(), slot_mapping.to(torch.int64).contiguous()
+        tables, lens = block_tables.to(torch.int64).contiguous(), context_lens.to(torch.int64).contiguous()
+        cos_sin = cos_sin.contiguous()
+        k_ptrs, v_ptrs = self._cache_pointers(kv_caches)
+        out, residual = torch.empty_like(x), torch.empty_like(x)
+        self._lib.llm_decode_stack(
+            self.layers, self.num_layers, b, self.hidden, self.num_heads, self.num_kv_heads, self.head_dim,
+            self.intermediate, self.eps, self.scale, x.data_ptr(), pos.data_ptr(), cos_sin.data_ptr(),
+            slots.data_ptr(), tables.data_ptr(), tables.shape[1], lens.data_ptr(), k_ptrs, v_ptrs, k_cache.shape[1],
+            self.scratch.data_ptr(), out.data_ptr(), residual.data_ptr())
+        return out, residual

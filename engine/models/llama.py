@@ -1,6 +1,7 @@
 """Llama family decoder (Llama 2/3, Mistral, SmolLM): embeddings, N decoder layers, final norm, LM head."""
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from types import ModuleType
 
@@ -10,8 +11,9 @@ from torch import nn
 from engine.attention import AttentionMetadata
 from engine.config import ModelConfig
 from engine.multimodal import MultimodalInputs
-from engine.models.layers import DecoderLayer, RMSNorm, linear, rope_cos_sin_cache
+from engine.models.layers import QUANT_MAX_ROWS, MLP, Attention, DecoderLayer, RMSNorm, linear, rope_cos_sin_cache
 from engine.models.parallel import SINGLE, TensorParallel, shard_quantized, shard_tensor
+from kernels import cpu_ops
 from kernels.cpu_quant import QuantizedTensor, cat_rows, pack
 
 # Checkpoint projection name -> (our fused parameter, shard index). Fusing at load time turns three
@@ -20,6 +22,8 @@ FUSED_SHARDS = {
     "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
     "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
 }
+
+FUSED_DECODE_ENV = "LLM_FUSED_DECODE"   # "0": decode steps run the layers one op at a time (tests, benchmarks)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -40,6 +44,11 @@ class LlamaForCausalLM(nn.Module):
         if not cos_sin.is_meta:  # on meta (the loader's build) it is computed for real after loading
             cos_sin = rope_cos_sin_cache(config.head_dim, config.rope_theta, config.rope_scaling, max_positions)
         self.register_buffer("cos_sin_cache", cos_sin, persistent=False)
+        # Small CPU decode batches run the whole layer stack in one C call (kernels/cpu_layers.c): at batch 1
+        # the ~10 per-layer ops cost more in call overhead than in arithmetic. Same kernels, same order, so
+        # the same bits as the loop. fused_decode may be flipped at any time; _decode_stack is built on first use.
+        self.fused_decode = os.environ.get(FUSED_DECODE_ENV, "1") != "0"
+        self._decode_stack: cpu_ops.DecodeStack | None | bool = None   # False: this model cannot take it
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
@@ -55,11 +64,47 @@ class LlamaForCausalLM(nn.Module):
                 x = x.index_copy(0, mm.embed_indices, mm.embeds.to(x.dtype))
             if mm.mrope_positions is not None:
                 cos_sin, positions = self.rotary_table(mm.mrope_positions)
-        residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            x, residual = layer.forward(positions, x, residual, cos_sin, kv_cache, meta)
+        stack = self._fused_stack(x, meta) if mm is None and self.fused_decode else None
+        if stack is not None:
+            x, residual = stack(x, positions, cos_sin, kv_caches, meta.slot_mapping, meta.decode_block_tables,
+                                meta.decode_context_lens)
+        else:
+            residual = None
+            for layer, kv_cache in zip(self.layers, kv_caches):
+                x, residual = layer.forward(positions, x, residual, cos_sin, kv_cache, meta)
         x, _ = self.norm.forward(x, residual)
         return x
+
+    def _fused_stack(self, x: torch.Tensor, meta: AttentionMetadata) -> cpu_ops.DecodeStack | None:
+        """The one-call decoder stack, where it computes exactly what the layer loop would: a decode-only
+        batch small enough for the packed kernels (linear() picks them up to QUANT_MAX_ROWS rows)."""
+        t = x.shape[0]
+        if not (0 < t <= QUANT_MAX_ROWS and meta.num_decode_tokens == t and x.dtype == torch.float32
+                and x.device.type == "cpu"):
+            return None
+        if self._decode_stack is None:
+            self._decode_stack = self._can_fuse() and cpu_ops.DecodeStack(self.layers, QUANT_MAX_ROWS)
+        return self._decode_stack or None
+
+    def _can_fuse(self) -> bool:
+        """Whether every layer runs the C kernels on packed weights in float32 (what the stack assumes)."""
+        from kernels.cpu_build import load_library
+        if self.tp.size != 1 or load_library() is None or self.cos_sin_cache.dtype != torch.float32:
+            return False
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            norms = [n for n in (layer.input_layernorm, layer.post_attention_layernorm, attn.q_norm, attn.k_norm)
+                     if n is not None]
+            projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            if not (type(layer) is DecoderLayer and type(attn) is Attention and type(mlp) is MLP
+                    and all(m.ops is cpu_ops for m in (attn, mlp, *norms)) and attn.head_dim % 2 == 0
+                    and all(getattr(p, "packed", None) is not None for p in projections)
+                    and all(p.bias is None for p in projections[1:])):
+                return False
+            if any(t.dtype != torch.float32 or t.device.type != "cpu"
+                   for t in [n.weight for n in norms] + [attn.qkv_proj.bias] if t is not None):
+                return False
+        return True
 
     def rotary_table(self, mrope_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Multimodal rotary (Qwen2-VL): a per-token cos/sin table [T, D] and the positions into it (0..T-1),
