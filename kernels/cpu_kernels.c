@@ -12,18 +12,20 @@
  *   scale, zero: [tiles, G, 16] float32 (rows past N are zero; zero optional for q8).
  * Per group: dot = sum_k x[k] * q[k]; acc += scale * dot + zero * sum_k x[k]. Each row's result is
  * computed in the same order whatever M is, so a sequence gets the same numbers alone or batched.
+ * 1a'. From DEC_MIN_ROWS rows (prefill), the same products with each tile's weights decoded once to floats.
  * 1b. The same products with activations quantized to int8 per group and integer dot products (section 1b).
  * 2. Paged decode attention and RMSNorm (twins in kernels/reference.py), which in torch cost more in
  *    per-op overhead and gathers than in arithmetic at decode batch sizes.
  * Compiled with -march=native; each kernel has AVX-512, AVX2 and plain C paths (the vec16 helpers).
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define TILE 16
-#define ROW_BLOCK 8
+#define ROW_BLOCK 8   /* rows a block of the int8-activation kernels (section 1b) */
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -162,9 +164,11 @@ static inline void store_tile(float *dst, vec16 acc, int64_t n_valid) {
     memcpy(dst, tmp, (size_t)n_valid * sizeof(float));
 }
 
-/* sum of each GS-input group of each row: [M, K / GS] */
+/* sum of each GS-input group of each row: [M, K / GS]. Rows split across threads for prefill-sized batches
+   (each sum is the same serial loop on any thread, so the values do not change). */
 static void group_sums(const float *x, int64_t M, int64_t K, int64_t GS, float *xsum) {
     const int64_t G = K / GS;
+    #pragma omp parallel for schedule(static) if (M * K >= 65536)
     for (int64_t r = 0; r < M; r++)
         for (int64_t g = 0; g < G; g++) {
             float s = 0.0f;
@@ -173,18 +177,28 @@ static void group_sums(const float *x, int64_t M, int64_t K, int64_t GS, float *
         }
 }
 
-/* R rows (1..ROW_BLOCK, a compile-time constant after inlining) of one 16-output tile, all G groups.
-   Each group's 16 weight loads and conversions serve all R rows; two accumulator chains a row. */
+/* R rows (1..F_ROW_BLOCK, a compile-time constant after inlining) of one 16-output tile, all G groups.
+   Each group's 16 weight loads and conversions serve all R rows; two accumulator chains a row.
+   F_ROW_BLOCK: as many rows as keep the chains and accumulators in registers (3 vec16 a row): 8 rows are 24 of
+   AVX-512's 32 zmm, but 48 ymm with AVX2's two-ymm vec16, which spilled (AVX2, 1 thread, K=576 -> N=960:
+   8 rows 0.30 ms with 8 a block, 0.19 ms with 4; 4 rows 0.098 -> 0.085 ms). The block size changes no row's
+   arithmetic, only which rows share a weight decode. */
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#define F_ROW_BLOCK 4
+#else
+#define F_ROW_BLOCK 8
+#endif
+#define MIN_INT(a, b) ((a) < (b) ? (a) : (b))
 
 ALWAYS_INLINE void q4_rows(const float *x, int64_t K, int64_t G, const uint8_t *w, const float *scale,
                            const float *zero, const float *xsum, const int R, float *out, int64_t N,
                            int64_t n_valid) {
-    vec16 acc[ROW_BLOCK];
+    vec16 acc[F_ROW_BLOCK];
     for (int r = 0; r < R; r++) acc[r] = v_zero();
     for (int64_t g = 0; g < G; g++) {
         const uint8_t *p = w + g * 16 * TILE;
-        vec16 a[ROW_BLOCK][2];
+        vec16 a[F_ROW_BLOCK][2];
         for (int r = 0; r < R; r++) a[r][0] = a[r][1] = v_zero();
         for (int k = 0; k < 16; k++) {
             vec16 lo, hi;
@@ -205,11 +219,11 @@ ALWAYS_INLINE void q4_rows(const float *x, int64_t K, int64_t G, const uint8_t *
 ALWAYS_INLINE void q8_rows(const float *x, int64_t K, int64_t G, int64_t GS, const int8_t *w, const float *scale,
                            const float *zero, const float *xsum, const int R, float *out, int64_t N,
                            int64_t n_valid) {
-    vec16 acc[ROW_BLOCK];
+    vec16 acc[F_ROW_BLOCK];
     for (int r = 0; r < R; r++) acc[r] = v_zero();
     for (int64_t g = 0; g < G; g++) {
         const int8_t *p = w + g * GS * TILE;
-        vec16 a[ROW_BLOCK][2];
+        vec16 a[F_ROW_BLOCK][2];
         for (int r = 0; r < R; r++) a[r][0] = a[r][1] = v_zero();
         for (int64_t k = 0; k < GS; k += 2) {
             const vec16 q0 = v_int8(p + k * TILE), q1 = v_int8(p + (k + 1) * TILE);
@@ -231,27 +245,187 @@ ALWAYS_INLINE void q8_rows(const float *x, int64_t K, int64_t G, int64_t GS, con
     for (int r = 0; r < R; r++) store_tile(out + r * N, acc[r], n_valid);
 }
 
+/* ---- 1a'. Big batches (prefill): each tile's weights decoded once ------------------------------------------
+ *
+ * q4_rows / q8_rows convert a tile's integers to floats again for every block of rows: for a 128-token prefill
+ * the weights are decoded 16 to 32 times, and the conversions cost as much as the FMAs they feed. From
+ * DEC_MIN_ROWS rows on, a thread decodes its tile once into a float buffer wf[G, GS, 16] (the values v_nibbles /
+ * v_int8 give: q4's row 2k of a group holds the low nibbles of byte row k, row 2k+1 the high ones) and runs all
+ * its row blocks against it with plain aligned loads. The buffer (K x 64 B: 36 KB at K = 576, 96 KB at 1536)
+ * streams from L2 at ~11 B a cycle, well within its bandwidth, so K is not blocked.
+ * NOTE: dec_rows does, for each row and lane, exactly the float operations of q4_rows / q8_rows in the same
+ * order (two FMA chains a group, then acc = fma(scale, a0 + a1, fma(xsum, zero, acc))); only where acc waits
+ * between groups (memory instead of a register), which rows share a weight load and how many lanes one
+ * instruction covers differ. So a row's result is bit-identical on both paths, whatever M is and whatever rows
+ * it is batched with.
+ * DEC_MIN_ROWS (-D to retune): on the AVX2 dev CPU (Zen 3, 1 thread, K=576 -> N=960 / 1536 -> 576) the
+ * decoded path loses at 8 rows (0.196 / 0.307 ms against 0.172 / 0.296) and wins from 12 (0.228 / 0.360
+ * against 0.278 / 0.445; 16 rows 0.330 / 0.558 against 0.375 / 0.595). Not measured on AVX-512. */
+#ifndef DEC_MIN_ROWS
+#define DEC_MIN_ROWS 12
+#endif
+/* dec_rows works on the widest native vector, NW lanes of the tile at a time (lanes are independent: the same
+   per-lane operations as the vec16 code). On AVX2 a vec16 is 2 ymm and a row's two chains take 4 of the 16 ymm,
+   so 2 rows at most fit beside the weights, each x broadcast feeding 2 FMAs of 8 chains, which ran at half the
+   FMA peak; one 8-lane half at a time a row takes 2 ymm: 6 rows = 12 chains + 2 weights + 2 broadcasts
+   (1 thread, K=576 -> N=960, 512 rows: 14.5 ms with 2 rows of vec16, 9.5 ms so; 5 or 7 rows: slower).
+   AVX-512: 2 zmm a row, 12 rows = 24 chains + 2 weights of the 32 zmm (not measured). */
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+typedef __m256 nvec;
+#define NW 8
+static inline nvec n_zero(void) { return _mm256_setzero_ps(); }
+static inline nvec n_load(const float *p) { return _mm256_loadu_ps(p); }
+static inline void n_store(float *p, nvec a) { _mm256_storeu_ps(p, a); }
+static inline nvec n_fma_s(float a, nvec b, nvec c) { return _mm256_fmadd_ps(_mm256_set1_ps(a), b, c); }
+static inline nvec n_fma(nvec a, nvec b, nvec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline nvec n_add(nvec a, nvec b) { return _mm256_add_ps(a, b); }
+#ifndef DEC_ROWS
+#define DEC_ROWS 6
+#endif
+#else
+typedef vec16 nvec;
+#define NW TILE
+#define n_zero v_zero
+#define n_load v_load
+#define n_store v_store
+#define n_fma_s v_fma_s
+#define n_fma v_fma
+#define n_add v_add
+#ifndef DEC_ROWS
+#if defined(__AVX512F__)
+#define DEC_ROWS 12
+#else
+#define DEC_ROWS 4
+#endif
+#endif
+#endif
+
+/* one tile's integers to floats: wf[G, GS, 16] */
+static void decode_tile(const void *w, int bits, int64_t G, int64_t GS, float *wf) {
+    if (bits == 4) {
+        const uint8_t *p = w;
+        for (int64_t i = 0; i < G * 16; i++) {   /* byte row i: inputs 2i (low nibbles) and 2i + 1 (high) */
+            vec16 lo, hi;
+            v_nibbles(p + i * TILE, &lo, &hi);
+            v_store(wf + 2 * i * TILE, lo);
+            v_store(wf + (2 * i + 1) * TILE, hi);
+        }
+    } else {
+        const int8_t *p = w;
+        for (int64_t i = 0; i < G * GS; i++) v_store(wf + i * TILE, v_int8(p + i * TILE));
+    }
+}
+
+/* R rows (1..DEC_ROWS, compile-time after inlining) of one tile, all G groups; GS (16 or 32) compile-time.
+   acc waits in memory (L1) between groups: the registers go to the chains. */
+ALWAYS_INLINE void dec_rows(const float *x, int64_t K, int64_t G, const int GS, const float *wf, const float *scale,
+                            const float *zero, const float *xsum, const int R, float *out, int64_t N, int64_t n_valid) {
+    float acc[DEC_ROWS * TILE] __attribute__((aligned(64)));
+    memset(acc, 0, sizeof acc);
+    for (int64_t g = 0; g < G; g++) {
+        for (int l = 0; l < TILE; l += NW) {   /* lanes l .. l + NW of the tile */
+            const float *p = wf + g * GS * TILE + l;
+            nvec a[DEC_ROWS][2];
+            for (int r = 0; r < R; r++) a[r][0] = a[r][1] = n_zero();
+            for (int k = 0; k < GS; k += 2) {
+                const nvec q0 = n_load(p + k * TILE), q1 = n_load(p + (k + 1) * TILE);
+                for (int r = 0; r < R; r++) {
+                    const float *xr = x + r * K + g * GS + k;
+                    a[r][0] = n_fma_s(xr[0], q0, a[r][0]);
+                    a[r][1] = n_fma_s(xr[1], q1, a[r][1]);
+                }
+            }
+            const nvec sc = n_load(scale + g * TILE + l);
+            if (zero) {
+                const nvec zp = n_load(zero + g * TILE + l);
+                for (int r = 0; r < R; r++) {
+                    float *ar = acc + r * TILE + l;
+                    n_store(ar, n_fma(sc, n_add(a[r][0], a[r][1]), n_fma_s(xsum[r * G + g], zp, n_load(ar))));
+                }
+            } else {
+                for (int r = 0; r < R; r++) {
+                    float *ar = acc + r * TILE + l;
+                    n_store(ar, n_fma(sc, n_add(a[r][0], a[r][1]), n_load(ar)));
+                }
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) store_tile(out + r * N, v_load(acc + r * TILE), n_valid);
+}
+
+/* R = 1..DEC_ROWS rows: R and GS made compile-time constants (cases past DEC_ROWS are dead) */
+#define DEC_CASE(gs, n) case n: dec_rows(x, K, G, gs, wf, scale, zero, xsum, MIN_INT(n, DEC_ROWS), out, N, n_valid); break;
+#define DEC_SWITCH(gs)                                                                                          \
+    switch (R) {                                                                                                \
+        DEC_CASE(gs, 1) DEC_CASE(gs, 2) DEC_CASE(gs, 3) DEC_CASE(gs, 4) DEC_CASE(gs, 5) DEC_CASE(gs, 6)          \
+        DEC_CASE(gs, 7) DEC_CASE(gs, 8) DEC_CASE(gs, 9) DEC_CASE(gs, 10) DEC_CASE(gs, 11)                       \
+        default: dec_rows(x, K, G, gs, wf, scale, zero, xsum, DEC_ROWS, out, N, n_valid); break;                \
+    }
+static void dec_block(const float *x, int64_t K, int64_t G, int64_t GS, const float *wf, const float *scale,
+                      const float *zero, const float *xsum, int R, float *out, int64_t N, int64_t n_valid) {
+    if (GS == 32) { DEC_SWITCH(32) } else { DEC_SWITCH(16) }
+}
+#undef DEC_SWITCH
+#undef DEC_CASE
+
+/* out[M, N] through decoded tiles (bits 4: GS = 32, w [tiles, G, 16, 16] bytes; bits 8: w [tiles, G, GS, 16]).
+   Tasks are (tile, block of rows): with few tiles (o_proj's 36 over 16 threads) the rows are split too, so
+   every thread has work; a thread decodes a tile once for its consecutive tasks on it. */
+static void dec_matmul(const float *x, int64_t M, int64_t K, const void *w, int bits, const float *scale,
+                       const float *zero, int64_t GS, int64_t N, float *out, const float *xsum) {
+    const int64_t G = K / GS, tiles = (N + TILE - 1) / TILE, tile_bytes = bits == 4 ? G * 16 * TILE : G * GS * TILE;
+    const int64_t threads = omp_get_max_threads(), min_rows = 4 * DEC_ROWS;
+    int64_t splits = tiles >= 4 * threads ? 1 : (4 * threads + tiles - 1) / tiles;
+    if (splits > (M + min_rows - 1) / min_rows) splits = (M + min_rows - 1) / min_rows;   /* >= 4 blocks a task */
+    const int64_t rows_per = ((M + splits - 1) / splits + DEC_ROWS - 1) / DEC_ROWS * DEC_ROWS;
+    splits = (M + rows_per - 1) / rows_per;
+    #pragma omp parallel
+    {
+        /* NOTE: 64-byte aligned, so each of a decoded tile's 16-float rows is one aligned vector load */
+        float *wf = aligned_alloc(64, sizeof(float) * (size_t)(G * GS * TILE));
+        int64_t decoded = -1;
+        #pragma omp for schedule(static) collapse(2)
+        for (int64_t t = 0; t < tiles; t++) {
+            for (int64_t s = 0; s < splits; s++) {
+                const int64_t r_begin = s * rows_per, r_end = r_begin + rows_per < M ? r_begin + rows_per : M;
+                if (r_begin >= r_end) continue;
+                if (decoded != t) {
+                    decode_tile((const char *)w + t * tile_bytes, bits, G, GS, wf);
+                    decoded = t;
+                }
+                const float *st = scale + t * G * TILE, *zt = zero ? zero + t * G * TILE : NULL;
+                const int64_t n_valid = N - t * TILE < TILE ? N - t * TILE : TILE;
+                for (int64_t r0 = r_begin; r0 < r_end; r0 += DEC_ROWS)
+                    dec_block(x + r0 * K, K, G, GS, wf, st, zt, xsum + r0 * G,
+                              r_end - r0 < DEC_ROWS ? (int)(r_end - r0) : DEC_ROWS, out + r0 * N + t * TILE, N, n_valid);
+            }
+        }
+        free(wf);
+    }
+}
+
 void llm_q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *w, const float *scale,
                    const float *zero, int64_t N, float *out, float *xsum) {
     const int64_t G = K / 32, tiles = (N + TILE - 1) / TILE;
     group_sums(x, M, K, 32, xsum);
+    if (M >= DEC_MIN_ROWS) { dec_matmul(x, M, K, w, 4, scale, zero, 32, N, out, xsum); return; }
     #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < tiles; t++) {
         const int64_t n_valid = N - t * TILE < TILE ? N - t * TILE : TILE;
         const uint8_t *wt = w + t * G * 16 * TILE;
         const float *st = scale + t * G * TILE, *zt = zero + t * G * TILE;
-        for (int64_t r0 = 0; r0 < M; r0 += ROW_BLOCK) {
+        for (int64_t r0 = 0; r0 < M; r0 += F_ROW_BLOCK) {
             const float *xr = x + r0 * K, *xs = xsum + r0 * G;
             float *o = out + r0 * N + t * TILE;
-            switch (M - r0 < ROW_BLOCK ? (int)(M - r0) : ROW_BLOCK) {
-                case 1: q4_rows(xr, K, G, wt, st, zt, xs, 1, o, N, n_valid); break;
-                case 2: q4_rows(xr, K, G, wt, st, zt, xs, 2, o, N, n_valid); break;
-                case 3: q4_rows(xr, K, G, wt, st, zt, xs, 3, o, N, n_valid); break;
-                case 4: q4_rows(xr, K, G, wt, st, zt, xs, 4, o, N, n_valid); break;
-                case 5: q4_rows(xr, K, G, wt, st, zt, xs, 5, o, N, n_valid); break;
-                case 6: q4_rows(xr, K, G, wt, st, zt, xs, 6, o, N, n_valid); break;
-                case 7: q4_rows(xr, K, G, wt, st, zt, xs, 7, o, N, n_valid); break;
-                default: q4_rows(xr, K, G, wt, st, zt, xs, 8, o, N, n_valid); break;
+            switch (M - r0 < F_ROW_BLOCK ? (int)(M - r0) : F_ROW_BLOCK) {
+                case 1: q4_rows(xr, K, G, wt, st, zt, xs, MIN_INT(1, F_ROW_BLOCK), o, N, n_valid); break;
+                case 2: q4_rows(xr, K, G, wt, st, zt, xs, MIN_INT(2, F_ROW_BLOCK), o, N, n_valid); break;
+                case 3: q4_rows(xr, K, G, wt, st, zt, xs, MIN_INT(3, F_ROW_BLOCK), o, N, n_valid); break;
+                case 4: q4_rows(xr, K, G, wt, st, zt, xs, MIN_INT(4, F_ROW_BLOCK), o, N, n_valid); break;
+                case 5: q4_rows(xr, K, G, wt, st, zt, xs, MIN_INT(5, F_ROW_BLOCK), o, N, n_valid); break;
+                case 6: q4_rows(xr, K, G, wt, st, zt, xs, MIN_INT(6, F_ROW_BLOCK), o, N, n_valid); break;
+                case 7: q4_rows(xr, K, G, wt, st, zt, xs, MIN_INT(7, F_ROW_BLOCK), o, N, n_valid); break;
+                default: q4_rows(xr, K, G, wt, st, zt, xs, F_ROW_BLOCK, o, N, n_valid); break;
             }
         }
     }
@@ -263,23 +437,24 @@ void llm_q8_matmul(const float *x, int64_t M, int64_t K, const int8_t *w, const 
                    const float *zero, int64_t GS, int64_t N, float *out, float *xsum) {
     const int64_t G = K / GS, tiles = (N + TILE - 1) / TILE;
     if (zero) group_sums(x, M, K, GS, xsum);
+    if (M >= DEC_MIN_ROWS) { dec_matmul(x, M, K, w, 8, scale, zero, GS, N, out, xsum); return; }
     #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < tiles; t++) {
         const int64_t n_valid = N - t * TILE < TILE ? N - t * TILE : TILE;
         const int8_t *wt = w + t * G * GS * TILE;
         const float *st = scale + t * G * TILE, *zt = zero ? zero + t * G * TILE : NULL;
-        for (int64_t r0 = 0; r0 < M; r0 += ROW_BLOCK) {
+        for (int64_t r0 = 0; r0 < M; r0 += F_ROW_BLOCK) {
             const float *xr = x + r0 * K, *xs = xsum + r0 * G;
             float *o = out + r0 * N + t * TILE;
-            switch (M - r0 < ROW_BLOCK ? (int)(M - r0) : ROW_BLOCK) {
-                case 1: q8_rows(xr, K, G, GS, wt, st, zt, xs, 1, o, N, n_valid); break;
-                case 2: q8_rows(xr, K, G, GS, wt, st, zt, xs, 2, o, N, n_valid); break;
-                case 3: q8_rows(xr, K, G, GS, wt, st, zt, xs, 3, o, N, n_valid); break;
-                case 4: q8_rows(xr, K, G, GS, wt, st, zt, xs, 4, o, N, n_valid); break;
-                case 5: q8_rows(xr, K, G, GS, wt, st, zt, xs, 5, o, N, n_valid); break;
-                case 6: q8_rows(xr, K, G, GS, wt, st, zt, xs, 6, o, N, n_valid); break;
-                case 7: q8_rows(xr, K, G, GS, wt, st, zt, xs, 7, o, N, n_valid); break;
-                default: q8_rows(xr, K, G, GS, wt, st, zt, xs, 8, o, N, n_valid); break;
+            switch (M - r0 < F_ROW_BLOCK ? (int)(M - r0) : F_ROW_BLOCK) {
+                case 1: q8_rows(xr, K, G, GS, wt, st, zt, xs, MIN_INT(1, F_ROW_BLOCK), o, N, n_valid); break;
+                case 2: q8_rows(xr, K, G, GS, wt, st, zt, xs, MIN_INT(2, F_ROW_BLOCK), o, N, n_valid); break;
+                case 3: q8_rows(xr, K, G, GS, wt, st, zt, xs, MIN_INT(3, F_ROW_BLOCK), o, N, n_valid); break;
+                case 4: q8_rows(xr, K, G, GS, wt, st, zt, xs, MIN_INT(4, F_ROW_BLOCK), o, N, n_valid); break;
+                case 5: q8_rows(xr, K, G, GS, wt, st, zt, xs, MIN_INT(5, F_ROW_BLOCK), o, N, n_valid); break;
+                case 6: q8_rows(xr, K, G, GS, wt, st, zt, xs, MIN_INT(6, F_ROW_BLOCK), o, N, n_valid); break;
+                case 7: q8_rows(xr, K, G, GS, wt, st, zt, xs, MIN_INT(7, F_ROW_BLOCK), o, N, n_valid); break;
+                default: q8_rows(xr, K, G, GS, wt, st, zt, xs, F_ROW_BLOCK, o, N, n_valid); break;
             }
         }
     }

@@ -15,12 +15,14 @@ from kernels.cpu_quant import quant_matmul
 
 
 # Up to this many rows a projection with packed quantized weights runs the quantized CPU kernel; more
-# rows (prefill chunks, big decode batches) run float32 sgemm, whose per-row cost is lower once the
-# weight reads amortize. Measured on the 2-core dev CPU (decode step of the default model, other C kernels
-# on): 32 rows 87 ms against 95 ms with float32 sgemm, 64 rows 150 against 159; 1 row 12 ms against 31 ms
-# with torch alone.
-# NOTE: the kernel computes each row alike at any batch size, so decode batches up to this size give a
-# sequence the same numbers whatever its batch mates.
+# rows (prefill chunks, big decode batches) run float32 sgemm where the loader kept float32 copies. Measured
+# on the 2-core dev CPU (Zen 3, AVX2; scripts/bench_quant_matmul.py, 2 threads, Q4_1), one layer's four
+# projections (qkv, o, gate_up, down) at M rows, packed kernel against sgemm on the float copies:
+# 32 rows 2.6 ms vs 2.7, 64 rows 5.3 vs 4.9, 128 rows 10.4 vs 8.8 (15.1 before the kernel decoded each tile
+# once for big batches), 512 rows 48 vs 34 (65 before). So with float copies the crossover stays near 64;
+# without them (cpu_float_copies=False) every batch runs the packed kernel, at ~1.2x sgemm's time at 128 rows.
+# NOTE: the kernel computes each row alike at any batch size (its big-batch path included), so decode
+# batches up to this size give a sequence the same numbers whatever its batch mates.
 QUANT_MAX_ROWS = 64
 
 

@@ -19,6 +19,19 @@ pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc
 # AVX-512F/BW without VNNI (x86-64-v4: vpmaddubsw), AVX2+FMA, and the plain C loops (baseline x86-64 = SSE2).
 X86_ARCHES = {"native": ("-march=native",), "avx512": ("-march=x86-64-v4",), "avx2": ("-march=x86-64-v3",),
               "plain": ("-march=x86-64",)}
+# the CPU features each build's code needs: a build this CPU cannot run is skipped (it would die of SIGILL)
+ARCH_FLAGS_NEEDED = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"},
+                     "avx2": {"avx2", "fma", "bmi2", "f16c", "movbe"}}
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 def random_weight(bits: int, n: int, k: int, gen: torch.Generator, group: int = 32,
@@ -41,6 +54,9 @@ def half_scales(w: QuantizedTensor) -> QuantizedTensor:
 
 @pytest.fixture(scope="module", params=list(X86_ARCHES) if platform.machine() in ("x86_64", "AMD64") else ["native"])
 def lib(request, tmp_path_factory) -> ctypes.CDLL:
+    missing = ARCH_FLAGS_NEEDED.get(request.param, set()) - cpu_flags()
+    if missing:
+        pytest.skip(f"this CPU cannot run the {request.param} variant (no {' '.join(sorted(missing))})")
     try:
         path = cpu_build.build(tmp_path_factory.mktemp("kernels"), arch_flags=X86_ARCHES[request.param])
     except RuntimeError as e:
@@ -78,6 +94,45 @@ def test_rows_do_not_depend_on_batch_mates(lib: ctypes.CDLL, kind: str, packer) 
     batched = quant_matmul(x, w, lib)
     for r in range(11):
         assert torch.equal(quant_matmul(x[r:r + 1], w, lib), batched[r:r + 1])
+
+
+# Batches from this many rows take the float kernels' decoded-tile path (DEC_MIN_ROWS in kernels/cpu_kernels.c)
+DECODED_PATH_ROWS = 12
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("n, k", [(37, 96), (200, 160)])
+def test_big_batches_match_twin(lib: ctypes.CDLL, kind: str, n: int, k: int) -> None:
+    """Row counts on both sides of the decoded-tile path's threshold, partial row blocks and tiles, and (37
+    outputs: 3 tiles) rows split across threads."""
+    bits, group, with_zero = KINDS[kind]
+    gen = torch.Generator().manual_seed(n * k + bits + 2)
+    w = pack(random_weight(bits, n, k, gen, group, with_zero))
+    for m in (DECODED_PATH_ROWS - 1, DECODED_PATH_ROWS, DECODED_PATH_ROWS + 1, 61):
+        x = torch.randn(m, k, generator=gen)
+        torch.testing.assert_close(quant_matmul(x, w, lib), quant_matmul_twin(x, w), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_big_batch_rows_equal_rows_alone(lib: ctypes.CDLL, kind: str) -> None:
+    """Each row of a batch on the decoded-tile path is bit-identical to the same row alone (M=1) and in a batch
+    of 3 (both on the per-block path), and to the same batch run on one thread (other splits of the rows)."""
+    bits, group, with_zero = KINDS[kind]
+    gen = torch.Generator().manual_seed(bits + 3)
+    w = pack(random_weight(bits, 37, 96, gen, group, with_zero))
+    m = 2 * DECODED_PATH_ROWS + 9
+    x = torch.randn(m, 96, generator=gen)
+    batched = quant_matmul(x, w, lib)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(quant_matmul(x, w, lib), batched)
+    finally:
+        torch.set_num_threads(threads)
+    for r in range(m):
+        assert torch.equal(quant_matmul(x[r:r + 1], w, lib), batched[r:r + 1]), r
+    for r in range(0, m - 2, 3):
+        assert torch.equal(quant_matmul(x[r:r + 3], w, lib), batched[r:r + 3]), r
 
 
 @pytest.mark.parametrize("packer", [pack, pack_int8], ids=["float-activations", "int8-activations"])
