@@ -127,6 +127,8 @@ def load_model(files: ModelFiles, config: ModelConfig, dtype: torch.dtype, devic
             _use_int8_activations(model)
         if packed and not _keep_float_copies(model, packed, float_copies):
             skipped = _drop_float_weights(model, packed)
+            if tp is None:
+                skipped |= _drop_float_vocab_tables(model)
             log.info("float32 copies of %d packed projections not kept (memory): every batch runs packed",
                      len(packed))
     model = materialize(model, dtype, device)
@@ -232,6 +234,18 @@ def _drop_float_weights(model: torch.nn.Module, packed: list[str]) -> set[str]:
         shards = [ckpt for ckpt, (fused, _) in FUSED_SHARDS.items() if fused == short] or [short]
         prefix = name.rsplit(".", 1)[0]
         skipped.update(f"model.{prefix}.{shard}.weight" for shard in shards)
+    return skipped
+
+
+def _drop_float_vocab_tables(model: torch.nn.Module) -> set[str]:
+    """Without float copies, the token embedding and LM head keep only their packed tables too (113 MB each for
+    the default model's vocabulary): the lookup reads packed rows (model.embed), the LM head the packed kernel."""
+    skipped = set()
+    for name in ("embed_tokens", "lm_head"):
+        module = getattr(model, name, None)
+        if module is not None and getattr(module, "packed", None) is not None and hasattr(model, "embed"):
+            module.register_parameter("weight", None)
+            skipped.add(f"model.{name}.weight" if name == "embed_tokens" else f"{name}.weight")
     return skipped
 
 

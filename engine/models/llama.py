@@ -15,6 +15,7 @@ from engine.models.layers import QUANT_MAX_ROWS, MLP, Attention, DecoderLayer, R
 from engine.models.parallel import SINGLE, TensorParallel, shard_quantized, shard_tensor
 from kernels import cpu_ops
 from kernels.cpu_quant import QuantizedTensor, cat_rows, pack
+from kernels.packed_rows import packed_rows
 
 # Checkpoint projection name -> (our fused parameter, shard index). Fusing at load time turns three
 # (or two) matmuls per layer into one.
@@ -57,7 +58,7 @@ class LlamaForCausalLM(nn.Module):
 
         mm: a vision-language model's image embeddings, written over their placeholder tokens' embeddings,
         and its rotary positions (rotary_table)."""
-        x = self.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         cos_sin = self.cos_sin_cache
         if mm is not None:
             if mm.embeds.shape[0]:
@@ -74,6 +75,12 @@ class LlamaForCausalLM(nn.Module):
                 x, residual = layer.forward(positions, x, residual, cos_sin, kv_cache, meta)
         x, _ = self.norm.forward(x, residual)
         return x
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings; read from the packed table where the loader kept no float32 one (equal rows)."""
+        if self.embed_tokens.weight is None:
+            return packed_rows(self.embed_tokens.packed, input_ids)
+        return self.embed_tokens(input_ids)
 
     def _fused_stack(self, x: torch.Tensor, meta: AttentionMetadata) -> cpu_ops.DecodeStack | None:
         """The one-call decoder stack, where it computes exactly what the layer loop would: a decode-only

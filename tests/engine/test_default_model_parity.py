@@ -75,6 +75,8 @@ def test_greedy_matches_transformers_token_for_token(default_gguf_path, prompts,
     assert all(p is not None for p in packed) if cpu_kernels else packed == [None, None]
     # packed-only: prompts (prefill chunks over 64 tokens) run the quantized kernel too
     assert (core.model.layers[0].mlp.gate_up_proj.weight is None) == (float_copies is False)
+    # packed-only: the token embedding is looked up in the packed table, the tied LM head reads it too
+    assert (core.model.embed_tokens.weight is None) == (float_copies is False)
     ours = run_to_completion(core, prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS))
     mismatches = [i for i, ref in enumerate(hf_outputs) if ours[f"r{i}"] != ref]
     assert not mismatches, f"prompts {mismatches} differ from transformers"
