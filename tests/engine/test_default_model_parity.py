@@ -62,12 +62,13 @@ def hf_outputs(default_gguf_path, prompts):
     return outputs
 
 
-@pytest.mark.parametrize("cpu_kernels,float_copies", [(True, None), (True, False), (False, None)],
-                         ids=["c-kernels-packed-weights", "c-kernels-packed-only", "torch-float32-weights"])
+@pytest.mark.parametrize("cpu_kernels,float_copies", [(True, True), (True, False), (False, None)],
+                         ids=["c-kernels-float-copies", "c-kernels-packed-only", "torch-float32-weights"])
 def test_greedy_matches_transformers_token_for_token(default_gguf_path, prompts, hf_outputs, cpu_kernels,
                                                      float_copies):
-    """Both CPU paths: the C kernels reading the GGUF's own 4/8-bit weights (the default; prefill chunks
-    of more than QUANT_MAX_ROWS tokens still use float32 sgemm), and torch ops on float32 weights."""
+    """Both CPU paths: the C kernels reading the GGUF's own 4/8-bit weights (the default: packed only; with
+    float copies prefill chunks of more than QUANT_MAX_ROWS tokens use float32 sgemm), and torch ops on
+    float32 weights."""
     assert len(prompts) >= 20
     core = EngineCore(EngineConfig(model=default_gguf_path, kv_cache_gib=0.5, max_model_len=2048,
                                    cpu_kernels=cpu_kernels, cpu_float_copies=float_copies))
