@@ -138,22 +138,11 @@ def restore(model: torch.nn.Module, path: Path) -> bool:
 
 
 def _matches(model: torch.nn.Module, state: dict) -> bool:
-    """Every parameter of the (meta) model is in the cache with its shape, or was dropped there."""
+    """Every parameter of the (meta) model is in the cache with its shape, or was dropped there. Tied
+    parameters are listed once, under their first name, by named_parameters here as in save()."""
     modules = dict(model.named_modules())
     if any(name not in modules for name in state["packed"]):
         return False
-    for prefix, module in modules.items():
-        for name, p in module._parameters.items():
-            full = f"{prefix}.{name}" if prefix else name
-            if p is None or full in state["dropped"]:
-                continue
-            cached = state["params"].get(full)
-            if cached is None and not _tied_elsewhere(model, p, state):
-                return False
-            if cached is not None and tuple(cached.shape) != tuple(p.shape):
-                return False
-    return True
-
-
-def _tied_elsewhere(model: torch.nn.Module, p: torch.Tensor, state: dict) -> bool:
-    return any(q is p and name in state["params"] for name, q in model.named_parameters())
+    dropped, params = set(state["dropped"]), state["params"]
+    return all(name in dropped or (name in params and tuple(params[name].shape) == tuple(p.shape))
+               for name, p in model.named_parameters())
