@@ -70,7 +70,11 @@ def test_packed_only_layers_match_float_weights(tmp_path: Path) -> None:
     layer, twin = packed_only.layers[0].mlp, full.layers[0].mlp
     assert layer.gate_up_proj.weight is None and layer.gate_up_proj.packed is not None
     assert twin.gate_up_proj.weight is not None
-    assert packed_only.embed_tokens.weight is not None   # lookups need float rows; the lm_head reads it packed
+    # no float32 vocabulary table either: lookups read the packed rows, equal to the float table's
+    assert packed_only.embed_tokens.weight is None and packed_only.embed_tokens.packed is not None
+    ids = torch.tensor([0, 5, 95, 5])
+    with torch.inference_mode():
+        assert torch.equal(packed_only.embed(ids), full.embed(ids))
     for rows in (1, 100):   # a decode batch and a prefill chunk
         x = torch.randn(rows, 256)
         with torch.inference_mode():
