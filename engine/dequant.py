@@ -4,9 +4,8 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
-from engine.gguf_types import SUPPORTED_QTYPES, type_name
+from engine.gguf_types import QUANT_SIZES, QT, SUPPORTED_QTYPES, type_name
 from kernels.cpu_quant import QuantizedTensor
 
 
@@ -142,7 +141,7 @@ def dequantize(raw: torch.Tensor, qtype: int, shape: tuple[int, ...], dtype: tor
     if int(qtype) not in SUPPORTED_QTYPES:
         raise UnsupportedQuantization(f"unsupported GGUF quantization {type_name(qtype)}")
     qtype = QT(qtype)
-    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    block_size, type_size = QUANT_SIZES[qtype]
     shape = tuple(int(s) for s in shape)
     num_elements = 1
     for s in shape:
@@ -217,7 +216,7 @@ def split_quantized(raw: torch.Tensor, qtype: int, shape: tuple[int, ...]) -> Qu
     if int(qtype) not in _BLOCK_SPLIT or len(shape) != 2:
         return None
     split, bits, group = _BLOCK_SPLIT[QT(qtype)]
-    block_size, type_size = GGML_QUANT_SIZES[QT(qtype)]
+    block_size, type_size = QUANT_SIZES[qtype]
     n, k = (int(s) for s in shape)
     q, scale, zero = split(raw.reshape(-1, type_size))
     return QuantizedTensor(q.reshape(n, k), scale.reshape(n, k // group),

@@ -5,14 +5,14 @@ import os
 import re
 import struct
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any, Iterator
 
 from typing import TYPE_CHECKING
 
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
-from engine.gguf_types import SUPPORTED_QTYPES, type_name
+from engine.gguf_types import QUANT_SIZES, QT, SUPPORTED_QTYPES, type_name
 
 if TYPE_CHECKING:   # torch only where tensors are read: the server reads headers (the tokenizer) without it
     import torch
@@ -247,24 +247,64 @@ class _Cursor:
             dtype = np.dtype(_SCALARS[item_type])
             return np.frombuffer(self.take(count * dtype.itemsize), dtype=dtype).tolist()
         if item_type == _STRING:
-            return self.strings(count)
+            start, self.pos = self.pos, _skip_strings(self.buf, self.pos, count)
+            return LazyStrings(self.buf, start, count)
         return [self.value(item_type) for _ in range(count)]
 
-    def strings(self, count: int) -> list[str]:
-        # The hot loop of the header (vocab and merges: ~100k strings), so it avoids method calls.
-        buf, pos, size, out = self.buf, self.pos, len(self.buf), []
-        unpack_len = struct.Struct("<Q").unpack_from
-        for _ in range(count):
-            if pos + 8 > size:
-                raise _Truncated
-            (n,) = unpack_len(buf, pos)
-            pos += 8
-            if pos + n > size:
-                raise _Truncated
-            out.append(str(buf[pos:pos + n], "utf-8"))
-            pos += n
-        self.pos = pos
-        return out
+
+_unpack_len = struct.Struct("<Q").unpack_from
+
+
+def _skip_strings(buf: memoryview, pos: int, count: int) -> int:
+    """The offset past `count` length-prefixed strings from pos (the hot loop of a header: vocab and merges
+    are ~100k strings, so it avoids method calls)."""
+    size = len(buf)
+    for _ in range(count):
+        if pos + 8 > size:
+            raise _Truncated
+        pos += 8 + _unpack_len(buf, pos)[0]
+        if pos > size:
+            raise _Truncated
+    return pos
+
+
+class LazyStrings(Sequence):
+    """A string array of the header (a vocabulary, merges), decoded on first use: the engine reads a GGUF's
+    header for the model's shape and never needs its ~100k tokenizer strings (~0.1 s to decode) unless a
+    request asks for structured output; the server's tokenizer reads them all. Compares equal to the list."""
+
+    def __init__(self, buf: memoryview, start: int, count: int):
+        self._buf, self._start, self._count = buf, start, count
+        self._items: list[str] | None = None
+
+    def _decoded(self) -> list[str]:
+        if self._items is None:
+            buf, pos, out = self._buf, self._start, []
+            for _ in range(self._count):
+                (n,) = _unpack_len(buf, pos)
+                pos += 8
+                out.append(str(buf[pos:pos + n], "utf-8"))   # UnicodeDecodeError (a ValueError) on bad bytes
+                pos += n
+            self._items = out
+        return self._items
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index):
+        return self._decoded()[index]
+
+    def __iter__(self):
+        return iter(self._decoded())
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other) if isinstance(other, (list, tuple, LazyStrings)) else NotImplemented
+
+    def __repr__(self) -> str:
+        return repr(self._decoded())
+
+    def __reduce__(self):   # pickles (and copies) as the plain list: the buffer is this process's file map
+        return list, (self._decoded(),)
 
 
 def _parse(path: str, data: np.ndarray) -> GGUFFile:
@@ -292,7 +332,7 @@ def _parse(path: str, data: np.ndarray) -> GGUFFile:
     for name, dims, qtype, offset in raw_infos:
         if qtype not in SUPPORTED_QTYPES:
             raise ValueError(f"tensor {name} has unsupported quantization {type_name(qtype)}")
-        block_size, type_size = GGML_QUANT_SIZES[QT(qtype)]
+        block_size, type_size = QUANT_SIZES[qtype]
         num_elements = int(np.prod(dims, dtype=np.int64))
         if dims and dims[0] % block_size:
             raise ValueError(f"tensor {name}: row length {dims[0]} is not a multiple of {block_size}")

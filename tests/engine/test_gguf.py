@@ -283,3 +283,25 @@ def test_unsupported_quantization(tmp_path: Path) -> None:
 def test_unexpected_tensor(tmp_path: Path) -> None:
     extra = [("blk.0.ffn_gate_exps.weight", np.zeros((4, 32), dtype=np.float32), None)]
     assert_one_line_error(write_tiny(tmp_path / "e.gguf", "qwen2", extra_tensors=extra), "blk.0.ffn_gate_exps")
+
+
+def test_our_type_table_is_the_gguf_packages() -> None:
+    """engine/gguf_types.py writes the GGML type ids and block sizes out (importing gguf costs ~130 ms a start):
+    every id and size must be the package's."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from engine.gguf_types import QT as OURS, QUANT_SIZES, type_name
+    for member in OURS:
+        assert GGMLQuantizationType[member.name] == member, member
+    for qtype, sizes in QUANT_SIZES.items():
+        assert GGML_QUANT_SIZES[GGMLQuantizationType(qtype)] == sizes, qtype
+    assert type_name(12) == "Q4_K (12)" and type_name(999) == "unknown type 999"
+
+
+def test_reading_a_gguf_header_imports_no_gguf_package(tmp_path) -> None:
+    import subprocess
+    import sys
+    path = write_tiny(tmp_path / "m.gguf", "llama")
+    code = (f"import sys; from engine.gguf import read_gguf; read_gguf({str(path)!r}).hf_config(); "
+            "assert not any(m == 'gguf' or m.startswith('gguf.') for m in sys.modules), 'gguf imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
