@@ -12,9 +12,8 @@ import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:   # NOTE: numpy too: engine.messages imports this module, and the server imports it before
+    import numpy as np   # it spawns the engine process (~90 ms of numpy on the critical path of startup)
     import torch
 
 
@@ -28,6 +27,7 @@ class ProcessedImage:
     @property
     def content_hash(self) -> bytes:
         """sha256 over the pixel values and their grid: the same image, resized the same, hashes the same."""
+        import numpy as np
         h = hashlib.sha256(np.ascontiguousarray(self.pixel_values, dtype=np.float32).tobytes())
         h.update(repr((self.pixel_values.shape, self.grid_thw)).encode())
         return h.digest()
