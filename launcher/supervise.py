@@ -18,6 +18,7 @@ from launcher.profile import Profile, ProfileError
 from launcher.server.settings import LaunchSpec, write_launch_spec
 
 _POLL_S = 0.25
+_READY_POLL_S = 0.05   # readiness polls of a local port are cheap: the ready line comes as soon as it is true
 _STOP_GRACE_S = 15.0
 SERVER_FLAG = "--llm-server"   # the packaged executable (launcher/frozen.py) runs the server when given this
 
@@ -141,7 +142,7 @@ def _wait_ready(child: subprocess.Popen, url: str, stopping: dict) -> dict | Non
                 last_phase = phase
         except (urllib.error.URLError, OSError, ValueError):
             pass  # the port is not up yet
-        time.sleep(_POLL_S)
+        time.sleep(_READY_POLL_S)
     return None
 
 

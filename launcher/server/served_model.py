@@ -152,10 +152,20 @@ class ServedModel:
 
     async def _load(self) -> None:
         started = time.monotonic()
+        # The tokenizer (~0.25 s for a GGUF's vocabulary) loads in a thread while the engine process imports
+        # torch and loads weights, instead of after them.
+        text_side = None
+        if self.tokenizer is None:
+            text_side = asyncio.get_running_loop().run_in_executor(None, self._read_text_side)
         try:
-            await self.client.start(on_phase=lambda phase: log.info("%s: %s", self.names[0], phase))
-            if self.tokenizer is None:
-                self._load_text_side()
+            try:
+                await self.client.start(on_phase=lambda phase: log.info("%s: %s", self.names[0], phase))
+            finally:
+                read = await asyncio.gather(text_side, return_exceptions=True) if text_side is not None else None
+            if read is not None:
+                if isinstance(read[0], BaseException):
+                    raise read[0]
+                self._set_text_side(*read[0])
         except EngineStartupError as e:
             if not self.on_demand:
                 raise
@@ -168,11 +178,16 @@ class ServedModel:
         if self.on_demand:
             log.info("loaded %s in %.1fs", self.names[0], time.monotonic() - started)
 
-    def _load_text_side(self) -> None:
+    def _read_text_side(self):
+        """What the server needs from the model's files alone (no engine info): tokenizer, chat template."""
         tokenizer = load_server_tokenizer(self.settings.tokenizer or self.settings.engine.model)
         template = tokenizer.chat_template
         if self.settings.chat_template:
             template = Path(self.settings.chat_template).read_text(encoding="utf-8")
+        return tokenizer, template
+
+    def _set_text_side(self, tokenizer, template: str | None) -> None:
+        """Once the engine is up: the text side read beside it, and what depends on the engine's info."""
         self.chat_template = template
         fmt = self.settings.chat_template_content_format
         if fmt == "auto":
