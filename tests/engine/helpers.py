@@ -63,8 +63,9 @@ def collect(outputs: dict[str, list[int]], out: TokenOutput) -> None:
 
 
 def engine_config(path, **overrides) -> EngineConfig:
-    """A small engine on the CPU in float32 (the HF references run there): GPU tests pass device/dtype."""
+    """A small engine on the CPU in float32 (the HF references run there), on the exact path (float32
+    activations for packed GGUF weights, named even where it is the default): GPU tests pass device/dtype."""
     base = dict(model=str(path), device="cpu", dtype="float32", kv_cache_gib=0.02, max_model_len=512,
-                num_threads=None)
+                num_threads=None, cpu_quantized_activations=False)
     base.update(overrides)
     return EngineConfig(**base)

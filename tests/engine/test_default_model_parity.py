@@ -66,12 +66,14 @@ def hf_outputs(default_gguf_path, prompts):
                          ids=["c-kernels-float-copies", "c-kernels-packed-only", "torch-float32-weights"])
 def test_greedy_matches_transformers_token_for_token(default_gguf_path, prompts, hf_outputs, cpu_kernels,
                                                      float_copies):
-    """Both CPU paths: the C kernels reading the GGUF's own 4/8-bit weights (the default: packed only; with
-    float copies prefill chunks of more than QUANT_MAX_ROWS tokens use float32 sgemm), and torch ops on
-    float32 weights."""
+    """Both exact CPU paths: the C kernels reading the GGUF's own 4/8-bit weights times float32 activations
+    (packed only, as by default; with float copies prefill chunks of more than QUANT_MAX_ROWS tokens use
+    float32 sgemm), and torch ops on float32 weights. The int8-activation option is not exact: its
+    agreement with this path is test_quantized_activations.py's."""
     assert len(prompts) >= 20
     core = EngineCore(EngineConfig(model=default_gguf_path, kv_cache_gib=0.5, max_model_len=2048,
-                                   cpu_kernels=cpu_kernels, cpu_float_copies=float_copies))
+                                   cpu_kernels=cpu_kernels, cpu_float_copies=float_copies,
+                                   cpu_quantized_activations=False))
     packed = [getattr(m, "packed", None) for m in (core.model.layers[0].mlp.gate_up_proj, core.model.embed_tokens)]
     assert all(p is not None for p in packed) if cpu_kernels else packed == [None, None]
     # packed-only: prompts (prefill chunks over 64 tokens) run the quantized kernel too
