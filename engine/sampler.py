@@ -32,7 +32,8 @@ class SamplingRow:
 @dataclass(frozen=True, slots=True)
 class SamplerOutput:
     token_ids: list[int]                    # [B] chosen token per row
-    logprobs: list[float]                   # [B] chosen token's logprob under log_softmax(raw logits)
+    logprobs: list[float]                   # [B] chosen token's logprob under log_softmax(raw logits); NaN
+    #                                         for all when no row needs them (SamplingParams.needs_token_logprobs)
     # [B] top-k (id, logprob) of the raw distribution for rows with params.logprobs set ([] for others);
     # None when no row asked
     top_logprobs: list[list[tuple[int, float]]] | None
@@ -280,6 +281,9 @@ class Sampler:
                     token_ids = torch.empty(len(rows), dtype=torch.long, device=x.device)
                 token_ids.index_copy_(0, index, chosen)
 
+        if not any(r.params.needs_token_logprobs for r in rows):
+            # nobody reads them (no logprobs asked, no best_of to rank): skip the [B, V] logsumexp
+            return SamplerOutput(token_ids.tolist(), [math.nan] * len(rows), None)
         # logprobs of the raw distribution, as vLLM returns by default
         log_norm = torch.logsumexp(logits, dim=-1)
         chosen_logprobs = logits.gather(1, token_ids[:, None])[:, 0] - log_norm

@@ -70,6 +70,12 @@ class SamplingParams:
         return self.temperature == 0.0
 
     @property
+    def needs_token_logprobs(self) -> bool:
+        """Whether the engine must compute each sampled token's logprob: returned (logprobs), or summed to
+        rank best_of samples."""
+        return self.logprobs is not None or self.num_samples > self.n
+
+    @property
     def num_samples(self) -> int:
         """How many sequences the engine runs for this request (best_of >= n)."""
         return self.best_of or self.n

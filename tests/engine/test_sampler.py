@@ -288,6 +288,21 @@ def test_logprobs_are_raw_log_softmax():
     assert Sampler()(torch.from_numpy(logits), [SamplingRow(SamplingParams(), [], [])] * 4, EOS).top_logprobs is None
 
 
+def test_token_logprobs_only_when_someone_reads_them():
+    """No row asks for logprobs and none ranks best_of samples: the sampler skips the logsumexp (NaN logprobs),
+    and chooses the same tokens; one best_of row is enough to compute them for all."""
+    logits = torch.from_numpy(np.random.default_rng(9).normal(size=(3, 300)).astype(np.float32))
+    plain = [SamplingRow(SamplingParams(temperature=0.0), [], []),
+             SamplingRow(SamplingParams(temperature=0.7, top_k=5, seed=1), [], [], make_generator(1))]
+    out = Sampler(seed=4)(logits[:2], plain, EOS)
+    assert all(np.isnan(out.logprobs)) and out.top_logprobs is None
+    assert out.token_ids[0] == int(logits[0].argmax())
+    ranked = plain[:1] + [SamplingRow(SamplingParams(temperature=0.7, n=1, best_of=2), [], [])]
+    out = Sampler(seed=4)(logits[:2], ranked, EOS)
+    ref = log_softmax(logits[0].numpy())
+    assert out.logprobs[0] == pytest.approx(ref[out.token_ids[0]], abs=1e-5) and not np.isnan(out.logprobs[1])
+
+
 def test_prompt_logprobs_match_log_softmax():
     chunk = sampler_module._PROMPT_LOGPROBS_CHUNK
     logits = np.random.default_rng(9).normal(size=(chunk + 37, 50)).astype(np.float32) * 2
