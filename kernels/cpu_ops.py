@@ -1,7 +1,10 @@
 """The CPU op set: the torch twins of kernels/reference.py, with C kernels (kernels/cpu_kernels.c) in
 place of those whose torch form costs more in per-op overhead than in arithmetic at decode batch
 sizes: paged decode attention (a gather of every sequence's K/V and a padded SDPA per layer), RMSNorm,
-rotary embedding and SiLU-and-mul (several small ops each, per layer).
+rotary embedding and SiLU-and-mul (several small ops each, per layer). Prefill attention runs the decode
+kernel once per new token (its causal context as that token's context length): a token's attention output
+is then the same bits whether it was computed in a prompt chunk, as a decode step, or again after a
+preemption, so greedy output does not depend on how the scheduler cut the work.
 Same names and signatures as reference; float32 only (other dtypes and layouts take the twins)."""
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import ctypes
 import torch
 
 from kernels import reference
-from kernels.reference import paged_prefill_attention, sample_top_k_top_p, store_kv  # noqa: F401
+from kernels.reference import sample_top_k_top_p, store_kv  # noqa: F401
 
 
 def _library() -> ctypes.CDLL | None:
@@ -53,6 +56,26 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                                        tables.shape[1], lens.data_ptr(), b, num_heads, num_kv_heads, d,
                                        block_size, scale, out.data_ptr())
     return out
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
+                            block_tables: torch.Tensor, scale: float,
+                            max_query_len: int | None = None,
+                            max_context_len: int | None = None) -> torch.Tensor:
+    """reference.paged_prefill_attention's contract, as one decode row per new token: token i of a
+    sequence with q_len new tokens and context_len in all attends to context_len - q_len + i + 1 keys."""
+    lib = _library()
+    if lib is None or q.dtype != torch.float32 or k_cache.dtype != torch.float32 or q.shape[0] == 0:
+        return reference.paged_prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables,
+                                                 scale, max_query_len, max_context_len)
+    cu = cu_seqlens_q.to(torch.int64)
+    q_lens = cu[1:] - cu[:-1]
+    rows = torch.repeat_interleave(torch.arange(q_lens.shape[0]), q_lens, output_size=q.shape[0])
+    # each token's offset within its sequence's new tokens, then its own causal context length
+    within = torch.arange(q.shape[0]) - cu[:-1][rows]
+    lens = (context_lens.to(torch.int64) - q_lens)[rows] + within + 1
+    return paged_decode_attention(q, k_cache, v_cache, block_tables[rows], lens, scale)
 
 
 def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,

@@ -249,6 +249,34 @@ def test_paged_decode_attention_matches_twin(lib: ctypes.CDLL, heads: int, kv_he
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("heads, kv_heads, d, bs", [(9, 3, 64, 16), (4, 4, 80, 8), (3, 1, 24, 16)])
+def test_paged_prefill_attention_matches_twin_and_each_token_as_a_decode_row(
+        heads: int, kv_heads: int, d: int, bs: int) -> None:
+    """Prompt chunks of odd lengths after odd contexts, against the twin; and every new token's output the
+    same bits as that token's own decode step would give (so a preempted and recomputed sequence, or a
+    prompt cut into other chunks, gets the same numbers)."""
+    from kernels import cpu_ops
+    if cpu_ops._library() is None:
+        pytest.skip("no C compiler: the CPU op set runs the twins")
+    gen = torch.Generator().manual_seed(heads * d + bs)
+    num_blocks, q_lens, lens = 80, [1, 7, bs + 3, 2], [1, 19, 3 * bs + 5, 2]
+    k_cache, v_cache = (torch.randn(num_blocks, bs, kv_heads, d, generator=gen) for _ in range(2))
+    width = max((n + bs - 1) // bs for n in lens) + 1
+    tables = torch.randperm(num_blocks, generator=gen)[: len(lens) * width].view(len(lens), width)
+    q = torch.randn(sum(q_lens), heads, d, generator=gen)
+    cu = torch.tensor([0] + q_lens).cumsum(0)
+    lens_t = torch.tensor(lens)
+    got = cpu_ops.paged_prefill_attention(q, k_cache, v_cache, cu, lens_t, tables, d ** -0.5)
+    want = reference.paged_prefill_attention(q, k_cache, v_cache, cu, lens_t, tables, d ** -0.5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for b, (n, ctx) in enumerate(zip(q_lens, lens)):
+        for i in range(n):
+            row = int(cu[b]) + i
+            alone = cpu_ops.paged_decode_attention(q[row:row + 1], k_cache, v_cache, tables[b:b + 1],
+                                                   torch.tensor([ctx - n + i + 1]), d ** -0.5)
+            assert torch.equal(got[row:row + 1], alone), (b, i)
+
+
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("rows, size", [(1, 576), (5, 100), (3, 4096)])
 def test_rms_norm_matches_twin(lib: ctypes.CDLL, rows: int, size: int, with_residual: bool) -> None:
