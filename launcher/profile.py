@@ -97,10 +97,11 @@ class KernelsSection:
                                   "memory); false: every batch runs the packed kernels", "bool")
     cpu_weight_cache: bool = key(True, "on CPU, keep the packed GGUF weights in $LLM_HOME/packed after the "
                                  "first start and map them on the next (no dequantize and repack)", "bool")
-    cpu_quantized_activations: bool = key(False, "on CPU, quantize activations to int8 per weight group for "
+    cpu_quantized_activations: bool = key(True, "on CPU, quantize activations to int8 per weight group for "
                                           "the packed-weight products (integer dot products, as llama.cpp "
-                                          "does): faster decode, not bit-exact with float32 activations",
-                                          "bool")
+                                          "does): ~1.4x faster decode, ~1.3x faster prompts; false: float32 "
+                                          "activations, the same numbers as HF transformers on the "
+                                          "dequantized weights", "bool")
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_offline_llm_generates_and_chats(default_gguf_path):
-    with LLM(model=default_gguf_path, kv_cache_gib=0.1, max_model_len=512) as llm:
+    # The exact path (float32 activations): with the int8 default this 135M model's first answer token is a
+    # near tie (p ~ 0.15 for the top few either way) and it answers "L'Etoile, ...", as llama.cpp's server
+    # does on the same file; the exact path answers "The capital of France is Paris."
+    with LLM(model=default_gguf_path, kv_cache_gib=0.1, max_model_len=512, cpu_quantized_activations=False) as llm:
         assert llm.info.max_model_len == 512 and llm.info.device == "cpu"
         [chat] = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                           SamplingParams(temperature=0, max_tokens=32))
