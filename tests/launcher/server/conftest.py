@@ -154,6 +154,12 @@ max_model_len = {MAX_MODEL_LEN}
 device = "cpu"
 kv_cache_gib = 0.5
 max_num_seqs = 256
+
+# The exact path (float32 activations): these tests hold its logprobs to transformers' (test_server_echo.py)
+# and its greedy answers to what they are; the int8 default is served over HTTP by test_serve_cli.py,
+# test_many_models.py and the other servers started from their own profiles.
+[kernels]
+cpu_quantized_activations = false
 """, tmp_path_factory.mktemp("server"), model_path=default_gguf_path)
     try:
         yield srv
