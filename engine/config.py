@@ -214,6 +214,7 @@ class EngineConfig:
     cpu_float_copies: bool | None = False    # keep float32 copies of packed weights (None: if they fit 1/4 of RAM)
     cpu_quantized_activations: bool = True   # on CPU: packed weights times int8-quantized activations (as llama.cpp;
     #                                          ~1.4x decode); False: float32 activations, HF's numbers exactly
+    kv_cache_dtype: str = "auto"             # auto: dtype, but float16 on CPU under int8 activations (pick_kv_dtype)
     cpu_weight_cache: bool = True            # on CPU: packed GGUF weights cached in $LLM_HOME/packed, mapped next start
     tensor_parallel_size: int = 1            # ranks splitting each layer (engine/tp_worker.py); 1: one process
     limit_images_per_prompt: int = 8         # vision models: the most images one prompt may hold

@@ -19,7 +19,7 @@ from engine.request_state import RequestState, Sample
 from engine.scheduler import Batch, Scheduler, SchedulerConfig
 from engine.sequence import Sequence
 from engine.startup import (StartupError, generation_defaults, initial_max_model_len, num_kv_blocks, pick_device,
-                            pick_dtype)
+                            pick_dtype, pick_kv_dtype)
 from engine.validation import InvalidRequest, check_request
 
 log = logging.getLogger("llm.engine")
@@ -81,8 +81,10 @@ class EngineCore:
                                 quantized_activations=config.cpu_quantized_activations,
                                 weight_cache=config.cpu_weight_cache, tp=shard if self.tp else None)
         on_phase("allocating KV cache")
+        self.kv_dtype = pick_kv_dtype(config.kv_cache_dtype, self.dtype, self.device, self.model)
         num_blocks = num_kv_blocks(
-            config, ModelRunner.kv_bytes_per_block(model_config, config.block_size, self.dtype, shard), self.device)
+            config, ModelRunner.kv_bytes_per_block(model_config, config.block_size, self.kv_dtype, shard),
+            self.device)
         if self.tp:
             num_blocks = self.tp.agree_num_blocks(num_blocks)
         capacity = num_blocks * config.block_size
@@ -94,8 +96,8 @@ class EngineCore:
                 f"less than one sequence of max_model_len={max_model_len}: set max_model_len <= "
                 f"{capacity} (or 'auto'), or give the cache more memory")
         self.max_model_len = max_model_len
-        self.runner = ModelRunner(self.model, model_config, num_blocks, config.block_size, self.dtype, self.device,
-                                  max_model_len, shard)
+        self.runner = ModelRunner(self.model, model_config, num_blocks, config.block_size, self.kv_dtype,
+                                  self.device, max_model_len, shard)
         self.gpu_startup = None  # engine.model_runner.GpuStartup: autotune and graph capture figures
         if self.device.type == "cuda":
             self.gpu_startup = self.runner.warm_up(config, max_model_len, on_phase)

@@ -43,7 +43,7 @@ class ModelRunner:
     """Batch -> tensors -> model -> logits. Never mutates sequences (the scheduler owns them)."""
 
     def __init__(self, model: torch.nn.Module, config: ModelConfig, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device, max_model_len: int | None = None,
+                 kv_dtype: torch.dtype, device: torch.device, max_model_len: int | None = None,
                  tp: TensorParallel = SINGLE):
         """max_model_len: eager decode rows get block tables of its width (table_width), as the graphs do;
         None: as wide as the batch's longest table. tp: this rank's place; its cache holds its KV heads."""
@@ -54,7 +54,7 @@ class ModelRunner:
         self.device = device
         self.tp = tp
         shape = (num_blocks, block_size, tp.num_kv_heads(config), config.head_dim)
-        self.kv_caches = [(_zeros(shape, dtype, device), _zeros(shape, dtype, device))
+        self.kv_caches = [(_zeros(shape, kv_dtype, device), _zeros(shape, kv_dtype, device))
                           for _ in range(config.num_hidden_layers)]
         self.graphs: DecodeGraphs | None = None   # set by use_decode_graphs
         self._decode_width = table_width(max_model_len, block_size) if max_model_len else 0

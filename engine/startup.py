@@ -34,6 +34,20 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtypes[name]
 
 
+def pick_kv_dtype(name: str, dtype: torch.dtype, device: torch.device, model: torch.nn.Module) -> torch.dtype:
+    """The K/V cache's element type. auto: the activations' dtype, except on the CPU where the model runs
+    the int8-activation kernels (llama.cpp's numerics: its cache is float16 too), where float16 holds twice
+    the tokens in the same memory; the exact path (float32 activations) keeps a float32 cache."""
+    if name == "auto":
+        int8 = any(getattr(getattr(m, "packed", None), "activations", None) == "int8" for m in model.modules())
+        return torch.float16 if device.type == "cpu" and dtype == torch.float32 and int8 else dtype
+    kv = pick_dtype(name, device)
+    if kv != dtype and device.type != "cpu":
+        raise StartupError(f"kv_cache_dtype={name!r} with dtype {str(dtype).removeprefix('torch.')}: on "
+                           f"{device.type} the cache holds the model dtype (use auto)")
+    return kv
+
+
 def initial_max_model_len(config: EngineConfig, model_config: ModelConfig) -> int:
     """The context length asked for (or the model's), before the KV cache may cut an 'auto' one down."""
     limit = model_config.max_position_embeddings

@@ -252,7 +252,7 @@ def _exit_with_parent() -> None:
 def build_worker_runner(setup: RankSetup) -> ModelRunner:
     """Everything rank 0's EngineCore builds for the model, in the same order (the collectives pair up)."""
     from engine.loader import ModelFiles, load_config, load_model
-    from engine.startup import initial_max_model_len, num_kv_blocks, pick_device, pick_dtype
+    from engine.startup import initial_max_model_len, num_kv_blocks, pick_device, pick_dtype, pick_kv_dtype
     config = setup.config
     tp = TensorParallel(setup.rank, config.tensor_parallel_size)
     device = rank_device(pick_device(config.device), setup.rank)
@@ -263,10 +263,11 @@ def build_worker_runner(setup: RankSetup) -> ModelRunner:
     model = load_model(files, model_config, dtype, device, max_positions=max_model_len,
                        cpu_kernels=config.cpu_kernels, float_copies=config.cpu_float_copies,
                        quantized_activations=config.cpu_quantized_activations, tp=tp)
-    num_blocks = num_kv_blocks(config, ModelRunner.kv_bytes_per_block(model_config, config.block_size, dtype, tp),
+    kv_dtype = pick_kv_dtype(config.kv_cache_dtype, dtype, device, model)
+    num_blocks = num_kv_blocks(config, ModelRunner.kv_bytes_per_block(model_config, config.block_size, kv_dtype, tp),
                                device)
     num_blocks = agree_num_blocks(num_blocks, device)
-    runner = ModelRunner(model, model_config, num_blocks, config.block_size, dtype, device, max_model_len, tp)
+    runner = ModelRunner(model, model_config, num_blocks, config.block_size, kv_dtype, device, max_model_len, tp)
     if device.type == "cuda":
         runner.warm_up(config, max_model_len)   # the same kernel configs as rank 0 (no graphs with tp > 1)
     return runner

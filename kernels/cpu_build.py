@@ -70,12 +70,13 @@ def bind(path: Path) -> ctypes.CDLL:
         "llm_q8_matmul": [p, i64, i64, p, p, p, i64, i64, p, p],
         "llm_int8_matmul": [p, i64, i64, p, p, p, i64, i64, i64, i64, p],
         "llm_quantize_activations": [p, i64, i64, i64, p, p, p],
-        "llm_paged_decode_attention": [p, p, p, p, i64, p, i64, i64, i64, i64, i64, f32, p],
+        "llm_paged_decode_attention": [p, p, p, p, i64, p, i64, i64, i64, i64, i64, f32, i64, p],
+        "llm_float_to_half": [p, i64, p],
         "llm_rms_norm": [p, p, p, f32, i64, i64, p, p],
         "llm_rotary_embedding": [p, i64, p, i64, p, p, i64, i64, i64, i64, p, p],
         "llm_silu_and_mul": [p, i64, i64, p],
-        "llm_decode_stack": [p, i64, i64, i64, i64, i64, i64, i64, f32, f32, p, p, p, p, p, i64, p, p, p, i64, p,
-                             p, p],
+        "llm_decode_stack": [p, i64, i64, i64, i64, i64, i64, i64, f32, f32, p, p, p, p, p, i64, p, p, p, i64, i64,
+                             p, p, p],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)

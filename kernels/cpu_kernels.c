@@ -765,59 +765,109 @@ static inline float dot_f32(const float *a, const float *b, int64_t n) {
     return s;
 }
 
+/* K/V rows as float32, or as float16 (kv_half): a float16 cache holds twice the tokens in the same memory, as
+   llama.cpp's default f16 cache does. Halves widen exactly (v_load_half), so the sums are the float32 sums of
+   the stored values. */
+static inline float dot_f32_half(const float *a, const uint16_t *b, int64_t n) {
+    int64_t i = 0;
+    vec16 acc = v_zero();
+    for (; i + TILE <= n; i += TILE) acc = v_fma(v_load(a + i), v_load_half(b + i), acc);
+    float s = v_hsum(acc);
+    for (; i < n; i++) s += a[i] * half_to_float(b[i]);
+    return s;
+}
+ALWAYS_INLINE float kv_dot(const float *q, const void *cache, int64_t row, int64_t D, const int half) {
+    return half ? dot_f32_half(q, (const uint16_t *)cache + row, D) : dot_f32(q, (const float *)cache + row, D);
+}
+ALWAYS_INLINE vec16 kv_load(const void *cache, int64_t at, const int half) {
+    return half ? v_load_half((const uint16_t *)cache + at) : v_load((const float *)cache + at);
+}
+ALWAYS_INLINE float kv_value(const void *cache, int64_t at, const int half) {
+    return half ? half_to_float(((const uint16_t *)cache)[at]) : ((const float *)cache)[at];
+}
+
+/* float32 -> float16, round to nearest even (as torch's .to(torch.float16)); overflow gives inf. */
+static inline uint16_t float_to_half(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000u, a = x & 0x7fffffffu;
+    if (a >= 0x7f800000u) return (uint16_t)(sign | 0x7c00u | (a > 0x7f800000u ? 0x200u | ((a >> 13) & 0x3ffu) : 0));
+    if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);          /* >= 65520: rounds past the largest half */
+    if (a < 0x38800000u) {                                             /* below 2^-14: a subnormal half (or 0) */
+        float v;
+        memcpy(&v, &a, 4);
+        return (uint16_t)(sign | (uint32_t)nearbyintf(v * 16777216.0f));   /* units of 2^-24, exact scaling */
+    }
+    return (uint16_t)(sign | ((a + 0xfffu + ((a >> 13) & 1u) - 0x38000000u) >> 13));   /* rebias 127 -> 15 */
+}
+void llm_float_to_half(const float *x, int64_t n, uint16_t *out) {
+    for (int64_t i = 0; i < n; i++) out[i] = float_to_half(x[i]);
+}
+
 /* One query token per sequence over its paged K/V (the twin: reference.paged_decode_attention).
-   q, out: [B, H, D]; k_cache, v_cache: [num_blocks, block_size, KVH, D]; block_tables: [B, table_width];
-   context_lens: [B] (the current token's K/V already stored). One task per (sequence, KV head): its
-   `group` query heads share each K/V row read. Exact softmax over the scores (max, exp, sum); the
-   weighted V sum keeps each 16-wide slice of the output in a register across the tokens. */
-void llm_paged_decode_attention(const float *q, const float *k_cache, const float *v_cache,
+   q, out: [B, H, D]; k_cache, v_cache: [num_blocks, block_size, KVH, D], float32 or (kv_half) float16;
+   block_tables: [B, table_width]; context_lens: [B] (the current token's K/V already stored). One task per
+   (sequence, KV head): its `group` query heads share each K/V row read. Exact softmax over the scores (max,
+   exp, sum); the weighted V sum keeps each 16-wide slice of the output in a register across the tokens. */
+ALWAYS_INLINE void decode_attention_head(const float *qb, const void *k_cache, const void *v_cache,
+                                         const int64_t *table, int64_t ctx, int64_t group, int64_t KVH, int64_t kh,
+                                         int64_t D, int64_t block_size, float scale, float *ob, const int half) {
+    const int64_t padded = (ctx + TILE - 1) / TILE * TILE;
+    float *scores = malloc(sizeof(float) * (size_t)(padded > 0 ? padded : TILE) * (size_t)group);
+    int64_t *rows = malloc(sizeof(int64_t) * (size_t)(ctx > 0 ? ctx : 1));  /* token -> row offset */
+    for (int64_t t = 0; t < ctx; t++)
+        rows[t] = ((table[t / block_size] * block_size + t % block_size) * KVH + kh) * D;
+    for (int64_t t = 0; t < ctx; t++)
+        for (int64_t g = 0; g < group; g++)
+            scores[g * padded + t] = kv_dot(qb + g * D, k_cache, rows[t], D, half) * scale;
+    for (int64_t g = 0; g < group; g++) {
+        float *s = scores + g * padded, mx = -INFINITY, sum = 0.0f;
+        for (int64_t t = ctx; t < padded; t++) s[t] = -INFINITY;
+        for (int64_t t = 0; t < ctx; t++) mx = s[t] > mx ? s[t] : mx;
+        const vec16 neg_mx = v_set1(-mx);
+        for (int64_t t = 0; t < padded; t += TILE) v_store(s + t, v_exp(v_add(v_load(s + t), neg_mx)));
+        for (int64_t t = 0; t < ctx; t++) sum += s[t];
+        const float inv = 1.0f / sum;
+        for (int64_t t = 0; t < ctx; t++) s[t] *= inv;
+        float *o = ob + g * D;
+        int64_t c = 0;
+        for (; c + TILE <= D; c += TILE) {
+            vec16 a0 = v_zero(), a1 = v_zero();
+            int64_t t = 0;
+            for (; t + 1 < ctx; t += 2) {
+                a0 = v_fma_s(s[t], kv_load(v_cache, rows[t] + c, half), a0);
+                a1 = v_fma_s(s[t + 1], kv_load(v_cache, rows[t + 1] + c, half), a1);
+            }
+            if (t < ctx) a0 = v_fma_s(s[t], kv_load(v_cache, rows[t] + c, half), a0);
+            v_store(o + c, v_add(a0, a1));
+        }
+        for (; c < D; c++) {
+            float a = 0.0f;
+            for (int64_t t = 0; t < ctx; t++) a += s[t] * kv_value(v_cache, rows[t] + c, half);
+            o[c] = a;
+        }
+    }
+    free(rows);
+    free(scores);
+}
+
+void llm_paged_decode_attention(const float *q, const void *k_cache, const void *v_cache,
                                 const int64_t *block_tables, int64_t table_width, const int64_t *context_lens,
                                 int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t block_size,
-                                float scale, float *out) {
+                                float scale, int64_t kv_half, float *out) {
     const int64_t group = H / KVH;
     #pragma omp parallel for schedule(dynamic, 1) collapse(2)
     for (int64_t b = 0; b < B; b++) {
         for (int64_t kh = 0; kh < KVH; kh++) {
-            const int64_t ctx = context_lens[b], padded = (ctx + TILE - 1) / TILE * TILE;
-            const int64_t *table = block_tables + b * table_width;
             const float *qb = q + (b * H + kh * group) * D;
             float *ob = out + (b * H + kh * group) * D;
-            float *scores = malloc(sizeof(float) * (size_t)(padded > 0 ? padded : TILE) * (size_t)group);
-            int64_t *rows = malloc(sizeof(int64_t) * (size_t)(ctx > 0 ? ctx : 1));  /* token -> row offset */
-            for (int64_t t = 0; t < ctx; t++)
-                rows[t] = ((table[t / block_size] * block_size + t % block_size) * KVH + kh) * D;
-            for (int64_t t = 0; t < ctx; t++)
-                for (int64_t g = 0; g < group; g++)
-                    scores[g * padded + t] = dot_f32(qb + g * D, k_cache + rows[t], D) * scale;
-            for (int64_t g = 0; g < group; g++) {
-                float *s = scores + g * padded, mx = -INFINITY, sum = 0.0f;
-                for (int64_t t = ctx; t < padded; t++) s[t] = -INFINITY;
-                for (int64_t t = 0; t < ctx; t++) mx = s[t] > mx ? s[t] : mx;
-                const vec16 neg_mx = v_set1(-mx);
-                for (int64_t t = 0; t < padded; t += TILE) v_store(s + t, v_exp(v_add(v_load(s + t), neg_mx)));
-                for (int64_t t = 0; t < ctx; t++) sum += s[t];
-                const float inv = 1.0f / sum;
-                for (int64_t t = 0; t < ctx; t++) s[t] *= inv;
-                float *o = ob + g * D;
-                int64_t c = 0;
-                for (; c + TILE <= D; c += TILE) {
-                    vec16 a0 = v_zero(), a1 = v_zero();
-                    int64_t t = 0;
-                    for (; t + 1 < ctx; t += 2) {
-                        a0 = v_fma_s(s[t], v_load(v_cache + rows[t] + c), a0);
-                        a1 = v_fma_s(s[t + 1], v_load(v_cache + rows[t + 1] + c), a1);
-                    }
-                    if (t < ctx) a0 = v_fma_s(s[t], v_load(v_cache + rows[t] + c), a0);
-                    v_store(o + c, v_add(a0, a1));
-                }
-                for (; c < D; c++) {
-                    float a = 0.0f;
-                    for (int64_t t = 0; t < ctx; t++) a += s[t] * v_cache[rows[t] + c];
-                    o[c] = a;
-                }
-            }
-            free(rows);
-            free(scores);
+            const int64_t *table = block_tables + b * table_width;
+            if (kv_half)
+                decode_attention_head(qb, k_cache, v_cache, table, context_lens[b], group, KVH, kh, D, block_size,
+                                      scale, ob, 1);
+            else
+                decode_attention_head(qb, k_cache, v_cache, table, context_lens[b], group, KVH, kh, D, block_size,
+                                      scale, ob, 0);
         }
     }
 }

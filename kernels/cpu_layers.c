@@ -19,10 +19,11 @@ void llm_q8_matmul(const float *x, int64_t M, int64_t K, const int8_t *w, const 
                    const float *zero, int64_t GS, int64_t N, float *out, float *xsum);
 void llm_int8_matmul(const float *x, int64_t M, int64_t K, const void *w, const void *scale, const void *zero,
                      int64_t half_scales, int64_t bits, int64_t GS, int64_t N, float *out);
-void llm_paged_decode_attention(const float *q, const float *k_cache, const float *v_cache,
+void llm_paged_decode_attention(const float *q, const void *k_cache, const void *v_cache,
                                 const int64_t *block_tables, int64_t table_width, const int64_t *context_lens,
                                 int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t block_size,
-                                float scale, float *out);
+                                float scale, int64_t kv_half, float *out);
+void llm_float_to_half(const float *x, int64_t n, uint16_t *out);
 void llm_rms_norm(const float *x, const float *residual, const float *weight, float eps, int64_t T, int64_t N,
                   float *out, float *residual_out);
 void llm_rotary_embedding(const float *q, int64_t q_stride, const float *k, int64_t k_stride,
@@ -69,14 +70,16 @@ int64_t llm_decode_stack_scratch_floats(int64_t B, int64_t hidden, int64_t H, in
 
 /* L layers over B decode rows.
    x_in: [B, hidden] embeddings; positions, slot_mapping, context_lens: [B]; block_tables: [B, table_width];
-   cos_sin: [max_pos, D]; k_caches[l], v_caches[l]: [num_blocks, block_size, KVH, D];
+   cos_sin: [max_pos, D]; k_caches[l], v_caches[l]: [num_blocks, block_size, KVH, D], float32 or (kv_half)
+   float16 (stored as torch's .to(torch.float16) rounds);
    scratch: llm_decode_stack_scratch_floats(...) floats; x_out, residual_out: [B, hidden] -- the last layer's
    output and residual, which the caller's final norm adds. */
 void llm_decode_stack(const llm_decoder_layer *layers, int64_t L, int64_t B, int64_t hidden, int64_t H,
                       int64_t KVH, int64_t D, int64_t I, float eps, float attn_scale, const float *x_in,
                       const int64_t *positions, const float *cos_sin, const int64_t *slot_mapping,
                       const int64_t *block_tables, int64_t table_width, const int64_t *context_lens,
-                      float *const *k_caches, float *const *v_caches, int64_t block_size, float *scratch,
+                      void *const *k_caches, void *const *v_caches, int64_t kv_half, int64_t block_size,
+                      float *scratch,
                       float *x_out, float *residual_out) {
     const int64_t q = H * D, kv = KVH * D, qkv_w = q + 2 * kv;
     float *qkv = scratch, *qn = qkv + B * qkv_w, *kn = qn + B * q, *q_rot = kn + B * kv, *k_rot = q_rot + B * q;
@@ -112,11 +115,17 @@ void llm_decode_stack(const llm_decoder_layer *layers, int64_t L, int64_t B, int
         llm_rotary_embedding(qs, q_stride, ks, k_stride, positions, cos_sin, B, H, KVH, D, q_rot, k_rot);
         for (int64_t r = 0; r < B; r++) {   /* reference.store_kv */
             if (slot_mapping[r] < 0) continue;
-            memcpy(k_caches[l] + slot_mapping[r] * kv, k_rot + r * kv, sizeof(float) * (size_t)kv);
-            memcpy(v_caches[l] + slot_mapping[r] * kv, qkv + r * qkv_w + q + kv, sizeof(float) * (size_t)kv);
+            const float *k_new = k_rot + r * kv, *v_new = qkv + r * qkv_w + q + kv;
+            if (kv_half) {
+                llm_float_to_half(k_new, kv, (uint16_t *)k_caches[l] + slot_mapping[r] * kv);
+                llm_float_to_half(v_new, kv, (uint16_t *)v_caches[l] + slot_mapping[r] * kv);
+            } else {
+                memcpy((float *)k_caches[l] + slot_mapping[r] * kv, k_new, sizeof(float) * (size_t)kv);
+                memcpy((float *)v_caches[l] + slot_mapping[r] * kv, v_new, sizeof(float) * (size_t)kv);
+            }
         }
         llm_paged_decode_attention(q_rot, k_caches[l], v_caches[l], block_tables, table_width, context_lens, B, H,
-                                   KVH, D, block_size, attn_scale, attn);
+                                   KVH, D, block_size, attn_scale, kv_half, attn);
         matmul(attn, B, &ly->o, o, xsum);
         res_next = NEXT_RESIDUAL;
         llm_rms_norm(o, residual, ly->post_norm, eps, B, hidden, xn, res_next);

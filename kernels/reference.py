@@ -62,8 +62,9 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     if slot_mapping.numel() and bool((slot_mapping < 0).any()):
         keep = slot_mapping >= 0
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
-    flat_k.index_copy_(0, slot_mapping, k)
-    flat_v.index_copy_(0, slot_mapping, v)
+    # a cache of another dtype (float16 K/V beside float32 activations) stores the values rounded to it
+    flat_k.index_copy_(0, slot_mapping, k.to(flat_k.dtype))
+    flat_v.index_copy_(0, slot_mapping, v.to(flat_v.dtype))
 
 
 def _gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, max_context_len: int) -> torch.Tensor:
@@ -91,6 +92,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     max_ctx = int(context_lens.max()) if max_context_len is None else max_context_len
     k = _gather_kv(k_cache, block_tables, max_ctx)                           # [B, kvh, L, D]
     v = _gather_kv(v_cache, block_tables, max_ctx)
+    k, v = k.to(q.dtype), v.to(q.dtype)   # a float16 cache under float32 activations: widened exactly
     valid = torch.arange(max_ctx, device=q.device)[None, :] < context_lens[:, None]   # [B, L]
     out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=valid[:, None, None, :],
                                          scale=scale, enable_gqa=True)               # [B, h, 1, D]

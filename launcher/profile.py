@@ -73,6 +73,10 @@ class EngineSection:
     kv_cache_gib: float | None = key(None, "KV cache size in GiB (unset on CPU: 2); exclusive with "
                                       "kv_cache_memory_fraction",
                                       "float", lo=0.0, lo_open=True)
+    kv_cache_dtype: str = key("auto", "K/V cache element type; auto: the model dtype, but float16 on CPU "
+                              "where the int8-activation kernels run (half the memory a token, as "
+                              "llama.cpp's f16 cache); one other than the model dtype is CPU-only", "str",
+                              choices=("auto", "float32", "float16", "bfloat16"))
     enable_prefix_caching: bool = key(True, "reuse KV blocks of shared prompt prefixes", "bool")
     cuda_graphs: bool = key(True, "capture decode steps as CUDA graphs (ignored on CPU)", "bool")
     cuda_graph_sizes: tuple[int, ...] = key((), "batch sizes to capture; empty: 1, 2, 4, 8 then steps of "
@@ -271,7 +275,7 @@ def engine_kwargs(profile: Profile, entry: ModelEntry | None = None) -> dict[str
     e, m, d = (entry.engine, entry.model, entry.distributed) if entry is not None else \
         (profile.engine, profile.model, profile.distributed)
     kwargs = {"served_name": m.names[0], "dtype": m.dtype, "device": e.device, "max_model_len": m.max_model_len,
-              "block_size": e.block_size, "kv_cache_gib": e.kv_cache_gib,
+              "block_size": e.block_size, "kv_cache_gib": e.kv_cache_gib, "kv_cache_dtype": e.kv_cache_dtype,
               "kv_cache_memory_fraction": e.kv_cache_memory_fraction, "max_num_seqs": e.max_num_seqs,
               "max_num_batched_tokens": e.max_num_batched_tokens,
               "enable_prefix_caching": e.enable_prefix_caching, "seed": e.seed,

@@ -11,7 +11,8 @@ both servers one after the other (order alternating), each restarted per round, 
 `llm bench serve` against it at each concurrency: 128 prompt / 64 output tokens with ignore_eos, prompts made
 with the server's own tokenizer (/tokenize in vLLM's or llama.cpp's shape; never word counts). llama.cpp runs
 with `-t <cores> --parallel 16 --cont-batching` and a context of 16 slots x 512 tokens; ours with the default
-CPU profile and the same context capacity (kv cache sized to 8192 tokens). Also printed: startup to ready
+CPU profile and the same context capacity (kv cache sized to 8192 tokens: float16, as llama.cpp's, under our
+default int8 activations; float32 with --exact-activations). Also printed: startup to ready
 and the resident memory of each server's process tree once ready and after its runs. Each server is started
 once, unmeasured, before the rounds (our first start on a new GGUF packs its weights into a cache).
 A benchmark, not a test: CI does not run it.
@@ -75,8 +76,9 @@ def start_llama_cpp(binary: Path, gguf: str, folder: Path) -> tuple[subprocess.P
 
 
 def start_ours(gguf: str, folder: Path, exact_activations: bool = False) -> tuple[subprocess.Popen, str]:
-    # the same context capacity: SmolLM2-135M's 30 layers x (K, V) x 3 KV heads x 64 dims x 4 bytes per token
-    kv_gib = SLOTS * SLOT_TOKENS * 30 * 2 * 3 * 64 * 4 / 2**30
+    # the same context capacity: SmolLM2-135M's 30 layers x (K, V) x 3 KV heads x 64 dims per token, float16
+    # under the default int8 activations (as llama.cpp's f16 cache), float32 on the exact path
+    kv_gib = SLOTS * SLOT_TOKENS * 30 * 2 * 3 * 64 * (4 if exact_activations else 2) / 2**30
     kernels = "[kernels]\ncpu_quantized_activations = false\n" if exact_activations else ""
     return start_llm(f'[model]\nsource = "{gguf}"\nserved_names = ["smol"]\nmax_model_len = 2048\n'
                      f'[engine]\ndevice = "cpu"\nkv_cache_gib = {kv_gib:.4f}\n{kernels}', folder)

@@ -63,7 +63,7 @@ def test_eager_decode_tables_have_one_width_and_the_same_results(checkpoint):
     # the tables as wide as each batch's longest (the old behaviour): the same tokens
     legacy = EngineCore(engine_config(checkpoint, device="cpu", dtype="float32", **KWARGS))
     r = legacy.runner
-    legacy.runner = ModelRunner(legacy.model, legacy.model_config, r.num_blocks, r.block_size, legacy.dtype,
+    legacy.runner = ModelRunner(legacy.model, legacy.model_config, r.num_blocks, r.block_size, legacy.kv_dtype,
                                 legacy.device)
     legacy_calls = _spy_decode_widths(legacy)
     assert run_to_completion(legacy, *_workload()) == ours

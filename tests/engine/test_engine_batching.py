@@ -42,8 +42,8 @@ def test_batch_invariance(core, reference):
 
 def test_kv_pressure_preempts_and_still_gives_the_same_tokens(default_gguf_path, reference):
     prompts, alone = reference
-    # 40 blocks of 16 tokens: far less than 32 sequences of ~70 tokens need at once.
-    small = EngineCore(EngineConfig(model=default_gguf_path, kv_cache_gib=40 * 16 * 30 * 2 * 3 * 64 * 4 / 2**30,
+    # 40 blocks of 16 tokens (float16 K/V, the int8 default's): far less than 32 sequences of ~70 tokens need.
+    small = EngineCore(EngineConfig(model=default_gguf_path, kv_cache_gib=40 * 16 * 30 * 2 * 3 * 64 * 2 / 2**30,
                                     max_model_len=512, max_num_batched_tokens=256))
     assert small.info.num_blocks == 40
     out = run_to_completion(small, prompts, GREEDY)

@@ -27,7 +27,7 @@ def test_logits_match_transformers(checkpoint):
     files = ModelFiles.at(path)
     config = load_config(files)
     ours = load_model(files, config, torch.float32, torch.device("cpu"), max_positions=512)
-    runner = ModelRunner(ours, config, num_blocks=16, block_size=16, dtype=torch.float32,
+    runner = ModelRunner(ours, config, num_blocks=16, block_size=16, kv_dtype=torch.float32,
                          device=torch.device("cpu"))
     prompt = torch.randint(3, 512, (45,), generator=torch.Generator().manual_seed(1)).tolist()
     seq = Sequence("s", prompt, SamplingParams())

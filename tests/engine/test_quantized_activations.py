@@ -45,6 +45,23 @@ def test_the_flag_repacks_every_packed_weight(cores) -> None:
             assert all(p.scale.dtype.itemsize == 2 for p in packed)
 
 
+def test_the_int8_path_keeps_a_float16_cache_of_twice_the_tokens(cores, default_gguf_path) -> None:
+    """kv_cache_dtype auto: float16 K/V beside int8 activations (llama.cpp's numerics), float32 on the exact
+    path; the same kv_cache_gib then holds twice the tokens. Named explicitly, either path takes either."""
+    import torch
+    from engine.startup import StartupError, pick_kv_dtype
+    assert cores[True].runner.kv_caches[0][0].dtype == torch.float16
+    assert cores[False].runner.kv_caches[0][0].dtype == torch.float32
+    assert cores[True].info.num_blocks == 2 * cores[False].info.num_blocks
+    exact_f16 = EngineCore(EngineConfig(model=default_gguf_path, kv_cache_gib=0.05, max_model_len=512,
+                                        cpu_quantized_activations=False, kv_cache_dtype="float16"))
+    assert exact_f16.runner.kv_caches[0][0].dtype == torch.float16
+    out = run_to_completion(exact_f16, [[504, 3575, 282, 2025, 288]], SamplingParams(temperature=0, max_tokens=8))
+    assert len(out["r0"]) == 8
+    with pytest.raises(StartupError, match="the cache holds the model dtype"):
+        pick_kv_dtype("float16", torch.bfloat16, torch.device("cuda"), cores[True].model)
+
+
 def perplexity(core: EngineCore, ids: list[int]) -> float:
     core.add_request(AddRequest("ppl", ids, SamplingParams(max_tokens=1, prompt_logprobs=0), time.monotonic()))
     got = None
@@ -56,10 +73,14 @@ def perplexity(core: EngineCore, ids: list[int]) -> float:
 
 
 def test_perplexity_within_one_percent_of_the_exact_path(cores, tokenizer) -> None:
-    """Measured: 23.170 exact, 23.268 int8 (+0.42%) over the 470 tokens of tests/fixtures/perplexity.txt."""
+    """Measured over the 470 tokens of tests/fixtures/perplexity.txt: 23.170 exact, 23.342 int8 with its float16
+    cache (+0.74%; 23.392 with a float32 one). Float-level changes elsewhere (the order of the attention sums)
+    move the int8 figure by ~0.5% (+0.42% before prefill attention ran the decode kernel): this short text
+    measures int8 noise to about that."""
     ids = tokenizer.encode(TEXT.read_text())
     assert len(ids) > 300
     exact, quantized = perplexity(cores[False], ids), perplexity(cores[True], ids)
+    print(f"perplexity: exact {exact:.3f}, int8 {quantized:.3f} ({quantized / exact - 1:+.2%})")
     assert 5 < exact < 60, exact   # a sane model on plain English
     assert abs(quantized / exact - 1) < 0.01, (exact, quantized)
 
@@ -92,7 +113,7 @@ def exact_continuations(cores, tokenizer) -> list[tuple[list[int], list[int]]]:
 def test_same_top_token_as_the_exact_path(cores, exact_continuations) -> None:
     """The field's measure of a quantized path (llama.cpp's `perplexity --kl-divergence` "same top p"): on
     the exact path's greedy continuations of the 22 parity prompts, fed to both paths as context, how often
-    the int8 path's most likely next token is the exact path's. Measured: 96.6% (1181 of 1223 tokens)."""
+    the int8 path's most likely next token is the exact path's. Measured: 97.7% (1195 of 1223 tokens)."""
     same = total = 0
     for prompt, continuation in exact_continuations:
         ids = prompt + continuation
@@ -107,7 +128,7 @@ def test_same_top_token_as_the_exact_path(cores, exact_continuations) -> None:
 
 def test_free_running_greedy_agreement(cores, tokenizer, exact_continuations) -> None:
     """Int8 rows move a projection's output ~0.6-0.9% (relative), enough to flip this 135M model's near-tied
-    greedy choices, and once one differs the two paths continue different texts: measured 33-39% of the tokens
+    greedy choices, and once one differs the two paths continue different texts: measured 33-53% of the tokens
     before each prompt's first difference over the 22 parity prompts (64 tokens at most), the first token the
     same on 18-19 of them. Not a quality measure (test_same_top_token_as_the_exact_path is); the bounds only
     catch a broken kernel, which would differ from the first token on."""

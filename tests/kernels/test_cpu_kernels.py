@@ -231,15 +231,20 @@ def call_decode_attention(lib, q, k_cache, v_cache, tables, lens, scale):
     out = torch.empty_like(q)
     lib.llm_paged_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
                                    tables.shape[1], lens.data_ptr(), q.shape[0], q.shape[1], k_cache.shape[2],
-                                   q.shape[2], k_cache.shape[1], scale, out.data_ptr())
+                                   q.shape[2], k_cache.shape[1], scale, int(k_cache.dtype == torch.float16),
+                                   out.data_ptr())
     return out
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16], ids=["f32-kv", "f16-kv"])
 @pytest.mark.parametrize("heads, kv_heads, d, bs", [(9, 3, 64, 16), (4, 4, 80, 8), (8, 2, 128, 32), (3, 1, 24, 16)])
-def test_paged_decode_attention_matches_twin(lib: ctypes.CDLL, heads: int, kv_heads: int, d: int, bs: int) -> None:
+def test_paged_decode_attention_matches_twin(lib: ctypes.CDLL, heads: int, kv_heads: int, d: int, bs: int,
+                                             kv_dtype: torch.dtype) -> None:
+    """float16 caches too (d = 24 and 80: a tail past the 16-wide vectors), read widened exactly: the twin
+    on the same halves agrees as closely as on float32 ones."""
     gen = torch.Generator().manual_seed(heads * d + bs)
     num_blocks, lens = 80, [1, 17, bs, 3 * bs + 5, 70]
-    k_cache, v_cache = (torch.randn(num_blocks, bs, kv_heads, d, generator=gen) for _ in range(2))
+    k_cache, v_cache = (torch.randn(num_blocks, bs, kv_heads, d, generator=gen).to(kv_dtype) for _ in range(2))
     width = max((n + bs - 1) // bs for n in lens) + 1
     tables = torch.randperm(num_blocks, generator=gen)[: len(lens) * width].view(len(lens), width)
     q = torch.randn(len(lens), heads, d, generator=gen)
@@ -249,9 +254,10 @@ def test_paged_decode_attention_matches_twin(lib: ctypes.CDLL, heads: int, kv_he
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16], ids=["f32-kv", "f16-kv"])
 @pytest.mark.parametrize("heads, kv_heads, d, bs", [(9, 3, 64, 16), (4, 4, 80, 8), (3, 1, 24, 16)])
 def test_paged_prefill_attention_matches_twin_and_each_token_as_a_decode_row(
-        heads: int, kv_heads: int, d: int, bs: int) -> None:
+        heads: int, kv_heads: int, d: int, bs: int, kv_dtype: torch.dtype) -> None:
     """Prompt chunks of odd lengths after odd contexts, against the twin; and every new token's output the
     same bits as that token's own decode step would give (so a preempted and recomputed sequence, or a
     prompt cut into other chunks, gets the same numbers)."""
@@ -260,7 +266,7 @@ def test_paged_prefill_attention_matches_twin_and_each_token_as_a_decode_row(
         pytest.skip("no C compiler: the CPU op set runs the twins")
     gen = torch.Generator().manual_seed(heads * d + bs)
     num_blocks, q_lens, lens = 80, [1, 7, bs + 3, 2], [1, 19, 3 * bs + 5, 2]
-    k_cache, v_cache = (torch.randn(num_blocks, bs, kv_heads, d, generator=gen) for _ in range(2))
+    k_cache, v_cache = (torch.randn(num_blocks, bs, kv_heads, d, generator=gen).to(kv_dtype) for _ in range(2))
     width = max((n + bs - 1) // bs for n in lens) + 1
     tables = torch.randperm(num_blocks, generator=gen)[: len(lens) * width].view(len(lens), width)
     q = torch.randn(sum(q_lens), heads, d, generator=gen)
@@ -275,6 +281,20 @@ def test_paged_prefill_attention_matches_twin_and_each_token_as_a_decode_row(
             alone = cpu_ops.paged_decode_attention(q[row:row + 1], k_cache, v_cache, tables[b:b + 1],
                                                    torch.tensor([ctx - n + i + 1]), d ** -0.5)
             assert torch.equal(got[row:row + 1], alone), (b, i)
+
+
+def test_float_to_half_rounds_as_torch(lib: ctypes.CDLL) -> None:
+    """The fused decode stack's K/V store into a float16 cache: the bits of torch's .to(torch.float16) on the
+    Python path, ties, subnormals, overflow and signed zeros included."""
+    gen = torch.Generator().manual_seed(3)
+    edge = torch.tensor([0.0, -0.0, 1.0, -2.5, 65504.0, 65519.99, 65520.0, -70000.0, 6.1e-5, 6.0e-5, 5.96e-8,
+                         2.98e-8, 2.99e-8, 1e-9, float("inf"), float("-inf")])
+    # exact ties between two halves (1 + k/1024 + 1/2048) round to even
+    ties = 1.0 + (torch.arange(64, dtype=torch.float32) * 2 + 1) / 2048
+    x = torch.cat([edge, ties, torch.randn(5000, generator=gen) * 10 ** torch.randint(-9, 5, (5000,), generator=gen)])
+    out = torch.empty(x.shape[0], dtype=torch.float16)
+    lib.llm_float_to_half(x.data_ptr(), x.shape[0], out.data_ptr())
+    assert torch.equal(out.view(torch.int16), x.to(torch.float16).view(torch.int16))
 
 
 @pytest.mark.parametrize("with_residual", [False, True])
