@@ -103,7 +103,7 @@ class KernelsSection:
                                  "first start and map them on the next (no dequantize and repack)", "bool")
     cpu_quantized_activations: bool = key(True, "on CPU, quantize activations to int8 per weight group for "
                                           "the packed-weight products (integer dot products, as llama.cpp "
-                                          "does): ~1.4x faster decode, ~1.3x faster prompts; false: float32 "
+                                          "does): faster decode and prompts; false: float32 "
                                           "activations, the same numbers as HF transformers on the "
                                           "dequantized weights", "bool")
 
