@@ -492,12 +492,25 @@ static inline ivec16 dot4_u(ivec16 acc, wvec w, int32_t x4) {
 }
 static inline wvec w_signed_prep(wvec w) { return _mm512_xor_si512(w, _mm512_set1_epi8((char)0x80)); }  /* w + 128 */
 static inline ivec16 dot4_s(ivec16 acc, wvec w_prepped, int32_t x4) { return dot4_u(acc, w_prepped, x4); }
+/* a 4-bit group's partial sums: vpdpbusd accumulates in int32 already */
+typedef ivec16 pvec;
+static inline pvec p_zero(void) { return iv_zero(); }
+static inline pvec p_dot4_u(pvec p, wvec w, int32_t x4) { return dot4_u(p, w, x4); }
+static inline ivec16 p_sum(pvec p) { return p; }
 #else
 #define Q8_OFFSET 0
 static inline ivec16 dot4_u(ivec16 acc, wvec w, int32_t x4) {
     const __m512i p = _mm512_maddubs_epi16(w, _mm512_set1_epi32(x4));   /* |pair| <= 2*15*127: no saturation */
     return _mm512_add_epi32(acc, _mm512_madd_epi16(p, _mm512_set1_epi16(1)));
 }
+/* A 4-bit group's partial sums kept as int16 pairs (vpmaddubsw) and widened once a group (vpmaddwd): 8
+   products-of-pairs of at most 2*15*127 each sum to <= 30480, inside int16, so the sums stay exact. */
+typedef __m512i pvec;
+static inline pvec p_zero(void) { return _mm512_setzero_si512(); }
+static inline pvec p_dot4_u(pvec p, wvec w, int32_t x4) {
+    return _mm512_add_epi16(p, _mm512_maddubs_epi16(w, _mm512_set1_epi32(x4)));
+}
+static inline ivec16 p_sum(pvec p) { return _mm512_madd_epi16(p, _mm512_set1_epi16(1)); }
 static inline wvec w_signed_prep(wvec w) { return w; }
 static inline ivec16 dot4_s(ivec16 acc, wvec w, int32_t x4) {
     const __mmask64 neg = _mm512_movepi8_mask(w);
@@ -534,6 +547,18 @@ static inline ivec16 dot4_u(ivec16 acc, wvec w, int32_t x4) {
     const __m256i x = _mm256_set1_epi32(x4);
     return (ivec16){_mm256_add_epi32(acc.a, dot4_8(w.a, x)), _mm256_add_epi32(acc.b, dot4_8(w.b, x))};
 }
+/* a 4-bit group's partial sums as int16 pairs, widened once a group (exact: see the AVX-512BW branch) */
+typedef struct { __m256i a, b; } pvec;
+static inline pvec p_zero(void) { return (pvec){_mm256_setzero_si256(), _mm256_setzero_si256()}; }
+static inline pvec p_dot4_u(pvec p, wvec w, int32_t x4) {
+    const __m256i x = _mm256_set1_epi32(x4);
+    return (pvec){_mm256_add_epi16(p.a, _mm256_maddubs_epi16(w.a, x)),
+                  _mm256_add_epi16(p.b, _mm256_maddubs_epi16(w.b, x))};
+}
+static inline ivec16 p_sum(pvec p) {
+    const __m256i one = _mm256_set1_epi16(1);
+    return (ivec16){_mm256_madd_epi16(p.a, one), _mm256_madd_epi16(p.b, one)};
+}
 static inline wvec w_signed_prep(wvec w) { return w; }
 static inline ivec16 dot4_s(ivec16 acc, wvec w, int32_t x4) {
     const __m256i x = _mm256_set1_epi32(x4);
@@ -561,6 +586,10 @@ static inline ivec16 dot4_u(ivec16 acc, wvec w, int32_t x4) {
         for (int b = 0; b < 4; b++) acc.v[i] += (int32_t)w.b[4 * i + b] * x[b];
     return acc;
 }
+typedef ivec16 pvec;
+static inline pvec p_zero(void) { return iv_zero(); }
+static inline pvec p_dot4_u(pvec p, wvec w, int32_t x4) { return dot4_u(p, w, x4); }
+static inline ivec16 p_sum(pvec p) { return p; }
 static inline wvec w_signed_prep(wvec w) { return w; }
 static inline ivec16 dot4_s(ivec16 acc, wvec w, int32_t x4) {
     int8_t x[4];
@@ -670,17 +699,18 @@ ALWAYS_INLINE void q4i_rows(const int8_t *q, int64_t K, int64_t G, const uint8_t
     for (int r = 0; r < R; r++) acc[r] = v_zero();
     for (int64_t g = 0; g < G; g++) {
         const uint8_t *p = w + g * 16 * TILE;
-        ivec16 s[ROW_BLOCK];
-        for (int r = 0; r < R; r++) s[r] = iv_zero();
+        pvec s[ROW_BLOCK];
+        for (int r = 0; r < R; r++) s[r] = p_zero();
         for (int c = 0; c < 4; c++) {
             const wvec v = w_load(p + c * 4 * TILE), lo = w_lo(v), hi = w_hi(v);
             for (int r = 0; r < R; r++) {
                 const int8_t *qr = q + r * K + g * 32 + 8 * c;
-                s[r] = dot4_u(dot4_u(s[r], lo, load4(qr)), hi, load4(qr + 4));
+                s[r] = p_dot4_u(p_dot4_u(s[r], lo, load4(qr)), hi, load4(qr + 4));
             }
         }
         const vec16 sc = v_load_scales(scale, half, g), zp = v_load_scales(zero, half, g);
-        for (int r = 0; r < R; r++) acc[r] = int_group_step(acc[r], s[r], sc, &zp, d[r * G + g], qsum[r * G + g]);
+        for (int r = 0; r < R; r++)
+            acc[r] = int_group_step(acc[r], p_sum(s[r]), sc, &zp, d[r * G + g], qsum[r * G + g]);
     }
     for (int r = 0; r < R; r++) store_tile(out + r * N, acc[r], n_valid);
 }
