@@ -5,7 +5,8 @@ rotary embedding and SiLU-and-mul (several small ops each, per layer). Prefill a
 kernel once per new token (its causal context as that token's context length): a token's attention output
 is then the same bits whether it was computed in a prompt chunk, as a decode step, or again after a
 preemption, so greedy output does not depend on how the scheduler cut the work.
-Same names and signatures as reference; float32 only (other dtypes and layouts take the twins)."""
+Same names and signatures as reference; float32 activations, K/V caches float32 or float16 (other dtypes and
+layouts take the twins)."""
 from __future__ import annotations
 
 import ctypes

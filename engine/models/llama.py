@@ -65,7 +65,7 @@ class LlamaForCausalLM(nn.Module):
                 x = x.index_copy(0, mm.embed_indices, mm.embeds.to(x.dtype))
             if mm.mrope_positions is not None:
                 cos_sin, positions = self.rotary_table(mm.mrope_positions)
-        stack = self._fused_stack(x, meta) if mm is None and self.fused_decode else None
+        stack = self._fused_stack(x, meta, kv_caches) if mm is None and self.fused_decode else None
         if stack is not None:
             x, residual = stack(x, positions, cos_sin, kv_caches, meta.slot_mapping, meta.decode_block_tables,
                                 meta.decode_context_lens)
@@ -82,12 +82,14 @@ class LlamaForCausalLM(nn.Module):
             return packed_rows(self.embed_tokens.packed, input_ids)
         return self.embed_tokens(input_ids)
 
-    def _fused_stack(self, x: torch.Tensor, meta: AttentionMetadata) -> cpu_ops.DecodeStack | None:
+    def _fused_stack(self, x: torch.Tensor, meta: AttentionMetadata,
+                     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> cpu_ops.DecodeStack | None:
         """The one-call decoder stack, where it computes exactly what the layer loop would: a decode-only
-        batch small enough for the packed kernels (linear() picks them up to QUANT_MAX_ROWS rows)."""
+        batch small enough for the packed kernels (linear() picks them up to QUANT_MAX_ROWS rows), over a
+        K/V cache the C attention reads."""
         t = x.shape[0]
         if not (0 < t <= QUANT_MAX_ROWS and meta.num_decode_tokens == t and x.dtype == torch.float32
-                and x.device.type == "cpu"):
+                and x.device.type == "cpu" and kv_caches and kv_caches[0][0].dtype in cpu_ops.KV_DTYPES):
             return None
         if self._decode_stack is None:
             self._decode_stack = self._can_fuse() and cpu_ops.DecodeStack(self.layers, QUANT_MAX_ROWS)

@@ -58,6 +58,12 @@ def test_the_int8_path_keeps_a_float16_cache_of_twice_the_tokens(cores, default_
     assert exact_f16.runner.kv_caches[0][0].dtype == torch.float16
     out = run_to_completion(exact_f16, [[504, 3575, 282, 2025, 288]], SamplingParams(temperature=0, max_tokens=8))
     assert len(out["r0"]) == 8
+    # a dtype the C attention does not read: the torch twins serve it (decode steps without the fused stack)
+    bf16 = EngineCore(EngineConfig(model=default_gguf_path, kv_cache_gib=0.05, max_model_len=512,
+                                   kv_cache_dtype="bfloat16"))
+    assert bf16.runner.kv_caches[0][0].dtype == torch.bfloat16
+    out = run_to_completion(bf16, [[504, 3575, 282, 2025, 288]], SamplingParams(temperature=0, max_tokens=8))
+    assert len(out["r0"]) == 8
     with pytest.raises(StartupError, match="the cache holds the model dtype"):
         pick_kv_dtype("float16", torch.bfloat16, torch.device("cuda"), cores[True].model)
 
