@@ -32,8 +32,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def kv_capacity_tokens(gguf_path: str, gib: float, block_size: int = 16, dtype_bytes: int = 4) -> int:
-    """Tokens a KV budget holds, from the GGUF's own metadata: whole blocks of K and V for every layer."""
+def kv_capacity_tokens(gguf_path: str, gib: float, block_size: int = 16, dtype_bytes: int = 2) -> int:
+    """Tokens a KV budget holds, from the GGUF's own metadata: whole blocks of K and V for every layer
+    (float16 elements: the CPU default's cache beside its int8 activations)."""
     from gguf import GGUFReader
     fields = GGUFReader(gguf_path).fields
 
