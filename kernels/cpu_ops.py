@@ -21,6 +21,16 @@ from kernels.reference import sample_top_k_top_p, store_kv  # noqa: F401
 KV_DTYPES = (torch.float32, torch.float16)
 
 
+def reads_kv(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether the C attention (and the fused decode stack) take this K/V cache."""
+    return k_cache.dtype in KV_DTYPES and v_cache.dtype == k_cache.dtype
+
+
+def _kv_half(cache: torch.Tensor) -> int:
+    """The kernels' kv_half flag: 1 for a float16 cache, 0 for float32."""
+    return int(cache.dtype == torch.float16)
+
+
 def _library() -> ctypes.CDLL | None:
     from kernels.cpu_build import load_library
     return load_library()
@@ -46,7 +56,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            max_context_len: int | None = None) -> torch.Tensor:
     lib = _library()
-    if lib is None or q.dtype != torch.float32 or k_cache.dtype not in KV_DTYPES or v_cache.dtype != k_cache.dtype:
+    if lib is None or q.dtype != torch.float32 or not reads_kv(k_cache, v_cache):
         return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
                                                 max_context_len)
     b, num_heads, d = q.shape
@@ -59,7 +69,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if b:
         lib.llm_paged_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
                                        tables.shape[1], lens.data_ptr(), b, num_heads, num_kv_heads, d,
-                                       block_size, scale, int(k_cache.dtype == torch.float16), out.data_ptr())
+                                       block_size, scale, _kv_half(k_cache), out.data_ptr())
     return out
 
 
@@ -71,7 +81,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     """reference.paged_prefill_attention's contract, as one decode row per new token: token i of a
     sequence with q_len new tokens and context_len in all attends to context_len - q_len + i + 1 keys."""
     lib = _library()
-    if lib is None or q.dtype != torch.float32 or k_cache.dtype not in KV_DTYPES or q.shape[0] == 0:
+    if lib is None or q.dtype != torch.float32 or not reads_kv(k_cache, v_cache) or q.shape[0] == 0:
         return reference.paged_prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables,
                                                  scale, max_query_len, max_context_len)
     cu = cu_seqlens_q.to(torch.int64)
@@ -187,7 +197,7 @@ class DecodeStack:
         b = x.shape[0]
         assert 0 < b <= self.max_rows and len(kv_caches) == self.num_layers
         k_cache = kv_caches[0][0]
-        assert k_cache.dtype in KV_DTYPES and k_cache.is_contiguous()
+        assert reads_kv(k_cache, kv_caches[0][1]) and k_cache.is_contiguous()
         x = x.contiguous()
         pos, slots = positions.to(torch.int64).contiguous(), slot_mapping.to(torch.int64).contiguous()
         tables, lens = block_tables.to(torch.int64).contiguous(), context_lens.to(torch.int64).contiguous()
@@ -198,6 +208,6 @@ class DecodeStack:
             self.layers, self.num_layers, b, self.hidden, self.num_heads, self.num_kv_heads, self.head_dim,
             self.intermediate, self.eps, self.scale, x.data_ptr(), pos.data_ptr(), cos_sin.data_ptr(),
             slots.data_ptr(), tables.data_ptr(), tables.shape[1], lens.data_ptr(), k_ptrs, v_ptrs,
-            int(k_cache.dtype == torch.float16), k_cache.shape[1], self.scratch.data_ptr(), out.data_ptr(),
+            _kv_half(k_cache), k_cache.shape[1], self.scratch.data_ptr(), out.data_ptr(),
             residual.data_ptr())
         return out, residual

@@ -89,7 +89,7 @@ class LlamaForCausalLM(nn.Module):
         K/V cache the C attention reads."""
         t = x.shape[0]
         if not (0 < t <= QUANT_MAX_ROWS and meta.num_decode_tokens == t and x.dtype == torch.float32
-                and x.device.type == "cpu" and kv_caches and kv_caches[0][0].dtype in cpu_ops.KV_DTYPES):
+                and x.device.type == "cpu" and kv_caches and cpu_ops.reads_kv(*kv_caches[0])):
             return None
         if self._decode_stack is None:
             self._decode_stack = self._can_fuse() and cpu_ops.DecodeStack(self.layers, QUANT_MAX_ROWS)
