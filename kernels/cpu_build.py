@@ -72,6 +72,7 @@ def bind(path: Path) -> ctypes.CDLL:
         "llm_quantize_activations": [p, i64, i64, i64, p, p, p],
         "llm_paged_decode_attention": [p, p, p, p, i64, p, i64, i64, i64, i64, i64, f32, i64, p],
         "llm_float_to_half": [p, i64, p],
+        "llm_store_kv": [p, i64, p, i64, i64, i64, p, p, p, i64],
         "llm_rms_norm": [p, p, p, f32, i64, i64, p, p],
         "llm_rotary_embedding": [p, i64, p, i64, p, p, i64, i64, i64, i64, p, p],
         "llm_silu_and_mul": [p, i64, i64, p],

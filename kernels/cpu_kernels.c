@@ -46,6 +46,7 @@ static inline vec16 v_int8(const int8_t *p) {
 }
 static inline vec16 v_set1(float a) { return _mm512_set1_ps(a); }
 static inline vec16 v_mul(vec16 a, vec16 b) { return _mm512_mul_ps(a, b); }
+static inline vec16 v_div(vec16 a, vec16 b) { return _mm512_div_ps(a, b); }
 static inline float v_hsum(vec16 a) { return _mm512_reduce_add_ps(a); }
 static inline vec16 v_sub(vec16 a, vec16 b) { return _mm512_sub_ps(a, b); }
 static inline vec16 v_clamp(vec16 a, float lo, float hi) {
@@ -80,6 +81,7 @@ static inline vec16 v_int8(const int8_t *p) {
 }
 static inline vec16 v_set1(float a) { __m256 v = _mm256_set1_ps(a); return (vec16){v, v}; }
 static inline vec16 v_mul(vec16 x, vec16 y) { return (vec16){_mm256_mul_ps(x.a, y.a), _mm256_mul_ps(x.b, y.b)}; }
+static inline vec16 v_div(vec16 x, vec16 y) { return (vec16){_mm256_div_ps(x.a, y.a), _mm256_div_ps(x.b, y.b)}; }
 static inline float v_hsum(vec16 x) {
     __m256 s = _mm256_add_ps(x.a, x.b);
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
@@ -128,6 +130,7 @@ static inline vec16 v_int8(const int8_t *p) {
 }
 static inline vec16 v_set1(float a) { vec16 r; for (int i = 0; i < TILE; i++) r.v[i] = a; return r; }
 static inline vec16 v_mul(vec16 a, vec16 b) { for (int i = 0; i < TILE; i++) a.v[i] *= b.v[i]; return a; }
+static inline vec16 v_div(vec16 a, vec16 b) { for (int i = 0; i < TILE; i++) a.v[i] /= b.v[i]; return a; }
 static inline float v_hsum(vec16 a) { float s = 0.0f; for (int i = 0; i < TILE; i++) s += a.v[i]; return s; }
 static inline vec16 v_sub(vec16 a, vec16 b) { for (int i = 0; i < TILE; i++) a.v[i] -= b.v[i]; return a; }
 static inline vec16 v_clamp(vec16 a, float lo, float hi) {
@@ -830,8 +833,36 @@ static inline uint16_t float_to_half(float f) {
     }
     return (uint16_t)(sign | ((a + 0xfffu + ((a >> 13) & 1u) - 0x38000000u) >> 13));   /* rebias 127 -> 15 */
 }
+/* Where the CPU converts in hardware (F16C / AVX-512F: round to nearest even, subnormals, inf and NaN as the
+   scalar form above), 16 at a time. */
 void llm_float_to_half(const float *x, int64_t n, uint16_t *out) {
-    for (int64_t i = 0; i < n; i++) out[i] = float_to_half(x[i]);
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256((__m256i *)(out + i), _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+#elif defined(__AVX2__) && defined(__F16C__)
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(out + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    for (; i < n; i++) out[i] = float_to_half(x[i]);
+}
+
+/* New keys and values into the paged cache (the twin: reference.store_kv): k, v rows of `row` floats
+   (KVH * D) at row strides k_stride, v_stride (views into the qkv rows); slot_mapping [T], < 0 skips a row;
+   caches [num_blocks * block_size, row], float32 or (kv_half) float16 rounded as torch's .to(). */
+void llm_store_kv(const float *k, int64_t k_stride, const float *v, int64_t v_stride, int64_t T, int64_t row,
+                  const int64_t *slot_mapping, void *k_cache, void *v_cache, int64_t kv_half) {
+    for (int64_t t = 0; t < T; t++) {
+        const int64_t slot = slot_mapping[t];
+        if (slot < 0) continue;
+        if (kv_half) {
+            llm_float_to_half(k + t * k_stride, row, (uint16_t *)k_cache + slot * row);
+            llm_float_to_half(v + t * v_stride, row, (uint16_t *)v_cache + slot * row);
+        } else {
+            memcpy((float *)k_cache + slot * row, k + t * k_stride, sizeof(float) * (size_t)row);
+            memcpy((float *)v_cache + slot * row, v + t * v_stride, sizeof(float) * (size_t)row);
+        }
+    }
 }
 
 /* One query token per sequence over its paged K/V (the twin: reference.paged_decode_attention).
@@ -904,22 +935,35 @@ void llm_paged_decode_attention(const float *q, const void *k_cache, const void 
 
 /* RMSNorm with an optional residual add (the twin: reference.rms_norm, float32):
    if residual: x += residual, residual_out = x; out = x * rsqrt(mean(x^2) + eps) * weight.
-   x, out, residual_out: [T, N] rows; residual may be NULL. */
+   x, out, residual_out: [T, N] rows; residual may be NULL. The sum of squares in 16 lanes (then across
+   them): a row's result does not depend on T or on the thread that computed it. */
+static void rms_norm_row(const float *xr, const float *res, const float *weight, float eps, int64_t N, float *o,
+                         float *ro) {
+    int64_t i = 0;
+    if (res) {
+        for (; i + TILE <= N; i += TILE) v_store(ro + i, v_add(v_load(xr + i), v_load(res + i)));
+        for (; i < N; i++) ro[i] = xr[i] + res[i];
+        xr = ro;
+    }
+    vec16 acc = v_zero();
+    for (i = 0; i + TILE <= N; i += TILE) {
+        const vec16 a = v_load(xr + i);
+        acc = v_add(acc, v_mul(a, a));
+    }
+    float ss = v_hsum(acc);
+    for (; i < N; i++) ss += xr[i] * xr[i];
+    const float inv = 1.0f / sqrtf(ss / (float)N + eps);
+    const vec16 vinv = v_set1(inv);
+    for (i = 0; i + TILE <= N; i += TILE) v_store(o + i, v_mul(v_mul(v_load(xr + i), vinv), v_load(weight + i)));
+    for (; i < N; i++) o[i] = xr[i] * inv * weight[i];
+}
+
 void llm_rms_norm(const float *x, const float *residual, const float *weight, float eps, int64_t T, int64_t N,
                   float *out, float *residual_out) {
-    for (int64_t r = 0; r < T; r++) {
-        const float *xr = x + r * N;
-        float *o = out + r * N;
-        if (residual) {
-            float *ro = residual_out + r * N;
-            for (int64_t i = 0; i < N; i++) ro[i] = xr[i] + residual[r * N + i];
-            xr = ro;
-        }
-        float ss = 0.0f;
-        for (int64_t i = 0; i < N; i++) ss += xr[i] * xr[i];
-        const float inv = 1.0f / sqrtf(ss / (float)N + eps);
-        for (int64_t i = 0; i < N; i++) o[i] = xr[i] * inv * weight[i];
-    }
+    #pragma omp parallel for schedule(static) if (T * N >= 16384)
+    for (int64_t r = 0; r < T; r++)
+        rms_norm_row(x + r * N, residual ? residual + r * N : NULL, weight, eps, N, out + r * N,
+                     residual ? residual_out + r * N : NULL);
 }
 
 /* Neox-style rotary embedding (the twin: reference.rotary_embedding), writing new q and k:
@@ -951,14 +995,14 @@ void llm_rotary_embedding(const float *q, int64_t q_stride, const float *k, int6
 /* silu(gate) * up (the twin: reference.silu_and_mul): x [T, 2I] rows of gate then up -> out [T, I]. */
 void llm_silu_and_mul(const float *x, int64_t T, int64_t I, float *out) {
     const vec16 one = v_set1(1.0f), minus_one = v_set1(-1.0f);
+    #pragma omp parallel for schedule(static) if (T * I >= 16384)
     for (int64_t t = 0; t < T; t++) {
         const float *gate = x + t * 2 * I, *up = gate + I;
         float *o = out + t * I;
         int64_t i = 0;
-        for (; i + TILE <= I; i += TILE) {
-            float den[TILE];
-            v_store(den, v_add(one, v_exp(v_mul(v_load(gate + i), minus_one))));
-            for (int j = 0; j < TILE; j++) o[i + j] = gate[i + j] / den[j] * up[i + j];
+        for (; i + TILE <= I; i += TILE) {   /* gate / (1 + exp(-gate)) * up: IEEE division, as the tail's */
+            const vec16 g = v_load(gate + i);
+            v_store(o + i, v_mul(v_div(g, v_add(one, v_exp(v_mul(g, minus_one)))), v_load(up + i)));
         }
         for (; i < I; i++) o[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
     }

