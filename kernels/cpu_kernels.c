@@ -791,29 +791,9 @@ void llm_int8_matmul(const float *x, int64_t M, int64_t K, const void *w, const 
     free(q);
 }
 
-static inline float dot_f32(const float *a, const float *b, int64_t n) {
-    int64_t i = 0;
-    vec16 acc = v_zero();
-    for (; i + TILE <= n; i += TILE) acc = v_fma(v_load(a + i), v_load(b + i), acc);
-    float s = v_hsum(acc);
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
 /* K/V rows as float32, or as float16 (kv_half): a float16 cache holds twice the tokens in the same memory, as
    llama.cpp's default f16 cache does. Halves widen exactly (v_load_half), so the sums are the float32 sums of
    the stored values. */
-static inline float dot_f32_half(const float *a, const uint16_t *b, int64_t n) {
-    int64_t i = 0;
-    vec16 acc = v_zero();
-    for (; i + TILE <= n; i += TILE) acc = v_fma(v_load(a + i), v_load_half(b + i), acc);
-    float s = v_hsum(acc);
-    for (; i < n; i++) s += a[i] * half_to_float(b[i]);
-    return s;
-}
-ALWAYS_INLINE float kv_dot(const float *q, const void *cache, int64_t row, int64_t D, const int half) {
-    return half ? dot_f32_half(q, (const uint16_t *)cache + row, D) : dot_f32(q, (const float *)cache + row, D);
-}
 ALWAYS_INLINE vec16 kv_load(const void *cache, int64_t at, const int half) {
     return half ? v_load_half((const uint16_t *)cache + at) : v_load((const float *)cache + at);
 }
@@ -870,19 +850,63 @@ void llm_store_kv(const float *k, int64_t k_stride, const float *v, int64_t v_st
 /* One query token per sequence over its paged K/V (the twin: reference.paged_decode_attention).
    q, out: [B, H, D]; k_cache, v_cache: [num_blocks, block_size, KVH, D], float32 or (kv_half) float16;
    block_tables: [B, table_width]; context_lens: [B] (the current token's K/V already stored). One task per
-   (sequence, KV head): its `group` query heads share each K/V row read. Exact softmax over the scores (max,
-   exp, sum); the weighted V sum keeps each 16-wide slice of the output in a register across the tokens. */
-ALWAYS_INLINE void decode_attention_head(const float *qb, const void *k_cache, const void *v_cache,
-                                         const int64_t *table, int64_t ctx, int64_t group, int64_t KVH, int64_t kh,
-                                         int64_t D, int64_t block_size, float scale, float *ob, const int half) {
-    const int64_t padded = (ctx + TILE - 1) / TILE * TILE;
-    float *scores = malloc(sizeof(float) * (size_t)(padded > 0 ? padded : TILE) * (size_t)group);
-    int64_t *rows = malloc(sizeof(int64_t) * (size_t)(ctx > 0 ? ctx : 1));  /* token -> row offset */
-    for (int64_t t = 0; t < ctx; t++)
-        rows[t] = ((table[t / block_size] * block_size + t % block_size) * KVH + kh) * D;
-    for (int64_t t = 0; t < ctx; t++)
-        for (int64_t g = 0; g < group; g++)
-            scores[g * padded + t] = kv_dot(qb + g * D, k_cache, rows[t], D, half) * scale;
+   (sequence, KV head): its `group` query heads share each K/V row, read (and widened from float16) once for
+   all of them. Exact softmax over the scores (max, exp, sum); the weighted V sum keeps each 16-wide slice of
+   each head's output in registers across the tokens. Each head's sums run in one fixed order (a score: the
+   16-lane FMA chain over D, then across lanes; an output slice: even and odd tokens in two chains, then
+   added), whatever the group size, the batch or the thread. */
+#define ATTN_MAX_GROUP 8          /* query heads a KV head, in registers; more take the loop over heads */
+#define ATTN_STACK_FLOATS 8192    /* scores and row offsets on the stack up to this size, else malloc */
+
+/* head g's scores over the tokens: scores[g * padded + t] = (q_g . K_t) * scale, for g < NG */
+ALWAYS_INLINE void attn_scores(const float *qb, const void *k_cache, const int64_t *rows, int64_t ctx,
+                               int64_t padded, const int NG, int64_t D, float scale, float *scores, const int half) {
+    const int64_t full = D / TILE * TILE;
+    for (int64_t t = 0; t < ctx; t++) {
+        vec16 acc[ATTN_MAX_GROUP];
+        for (int g = 0; g < NG; g++) acc[g] = v_zero();
+        for (int64_t c = 0; c < full; c += TILE) {
+            const vec16 kv = kv_load(k_cache, rows[t] + c, half);
+            for (int g = 0; g < NG; g++) acc[g] = v_fma(v_load(qb + g * D + c), kv, acc[g]);
+        }
+        for (int g = 0; g < NG; g++) {
+            float dot = v_hsum(acc[g]);
+            for (int64_t c = full; c < D; c++) dot += qb[g * D + c] * kv_value(k_cache, rows[t] + c, half);
+            scores[g * padded + t] = dot * scale;
+        }
+    }
+}
+
+/* out_g = sum_t p_g[t] V_t for g < NG (p: the normalised scores) */
+ALWAYS_INLINE void attn_values(const float *scores, const void *v_cache, const int64_t *rows, int64_t ctx,
+                               int64_t padded, const int NG, int64_t D, float *ob, const int half) {
+    int64_t c = 0;
+    for (; c + TILE <= D; c += TILE) {
+        vec16 a0[ATTN_MAX_GROUP], a1[ATTN_MAX_GROUP];
+        for (int g = 0; g < NG; g++) a0[g] = a1[g] = v_zero();
+        int64_t t = 0;
+        for (; t + 1 < ctx; t += 2) {
+            const vec16 v0 = kv_load(v_cache, rows[t] + c, half), v1 = kv_load(v_cache, rows[t + 1] + c, half);
+            for (int g = 0; g < NG; g++) {
+                a0[g] = v_fma_s(scores[g * padded + t], v0, a0[g]);
+                a1[g] = v_fma_s(scores[g * padded + t + 1], v1, a1[g]);
+            }
+        }
+        if (t < ctx) {
+            const vec16 v0 = kv_load(v_cache, rows[t] + c, half);
+            for (int g = 0; g < NG; g++) a0[g] = v_fma_s(scores[g * padded + t], v0, a0[g]);
+        }
+        for (int g = 0; g < NG; g++) v_store(ob + g * D + c, v_add(a0[g], a1[g]));
+    }
+    for (; c < D; c++)
+        for (int g = 0; g < NG; g++) {
+            float a = 0.0f;
+            for (int64_t t = 0; t < ctx; t++) a += scores[g * padded + t] * kv_value(v_cache, rows[t] + c, half);
+            ob[g * D + c] = a;
+        }
+}
+
+static void softmax_rows(float *scores, int64_t ctx, int64_t padded, int64_t group) {
     for (int64_t g = 0; g < group; g++) {
         float *s = scores + g * padded, mx = -INFINITY, sum = 0.0f;
         for (int64_t t = ctx; t < padded; t++) s[t] = -INFINITY;
@@ -892,26 +916,44 @@ ALWAYS_INLINE void decode_attention_head(const float *qb, const void *k_cache, c
         for (int64_t t = 0; t < ctx; t++) sum += s[t];
         const float inv = 1.0f / sum;
         for (int64_t t = 0; t < ctx; t++) s[t] *= inv;
-        float *o = ob + g * D;
-        int64_t c = 0;
-        for (; c + TILE <= D; c += TILE) {
-            vec16 a0 = v_zero(), a1 = v_zero();
-            int64_t t = 0;
-            for (; t + 1 < ctx; t += 2) {
-                a0 = v_fma_s(s[t], kv_load(v_cache, rows[t] + c, half), a0);
-                a1 = v_fma_s(s[t + 1], kv_load(v_cache, rows[t + 1] + c, half), a1);
-            }
-            if (t < ctx) a0 = v_fma_s(s[t], kv_load(v_cache, rows[t] + c, half), a0);
-            v_store(o + c, v_add(a0, a1));
-        }
-        for (; c < D; c++) {
-            float a = 0.0f;
-            for (int64_t t = 0; t < ctx; t++) a += s[t] * kv_value(v_cache, rows[t] + c, half);
-            o[c] = a;
-        }
     }
-    free(rows);
-    free(scores);
+}
+
+/* NG query heads (a compile-time count after inlining) of one KV head */
+ALWAYS_INLINE void attn_heads(const float *qb, const void *k_cache, const void *v_cache, const int64_t *rows,
+                              int64_t ctx, int64_t padded, const int NG, int64_t D, float scale, float *scores,
+                              float *ob, const int half) {
+    attn_scores(qb, k_cache, rows, ctx, padded, NG, D, scale, scores, half);
+    softmax_rows(scores, ctx, padded, NG);
+    attn_values(scores, v_cache, rows, ctx, padded, NG, D, ob, half);
+}
+
+ALWAYS_INLINE void decode_attention_head(const float *qb, const void *k_cache, const void *v_cache,
+                                         const int64_t *table, int64_t ctx, int64_t group, int64_t KVH, int64_t kh,
+                                         int64_t D, int64_t block_size, float scale, float *ob, const int half) {
+    const int64_t padded = (ctx + TILE - 1) / TILE * TILE, n_scores = (padded > 0 ? padded : TILE) * group;
+    float stack_scores[ATTN_STACK_FLOATS];
+    int64_t stack_rows[ATTN_STACK_FLOATS / 2];
+    const int on_stack = n_scores <= ATTN_STACK_FLOATS && ctx <= ATTN_STACK_FLOATS / 2;
+    float *scores = on_stack ? stack_scores : malloc(sizeof(float) * (size_t)n_scores);
+    int64_t *rows = on_stack ? stack_rows : malloc(sizeof(int64_t) * (size_t)(ctx > 0 ? ctx : 1));
+    for (int64_t t = 0; t < ctx; t++)   /* token -> row offset */
+        rows[t] = ((table[t / block_size] * block_size + t % block_size) * KVH + kh) * D;
+#define ATTN_HEADS(ng) attn_heads(qb, k_cache, v_cache, rows, ctx, padded, ng, D, scale, scores, ob, half)
+    switch (group) {
+        case 1: ATTN_HEADS(1); break; case 2: ATTN_HEADS(2); break; case 3: ATTN_HEADS(3); break;
+        case 4: ATTN_HEADS(4); break; case 5: ATTN_HEADS(5); break; case 6: ATTN_HEADS(6); break;
+        case 7: ATTN_HEADS(7); break; case 8: ATTN_HEADS(8); break;
+        default:   /* one head at a time: the same sums, head by head */
+            for (int64_t g = 0; g < group; g++)
+                attn_heads(qb + g * D, k_cache, v_cache, rows, ctx, padded, 1, D, scale, scores + g * padded,
+                           ob + g * D, half);
+    }
+#undef ATTN_HEADS
+    if (!on_stack) {
+        free(rows);
+        free(scores);
+    }
 }
 
 void llm_paged_decode_attention(const float *q, const void *k_cache, const void *v_cache,
