@@ -22,6 +22,7 @@ from engine.messages import (AbortRequests, AddRequest, EmbedOutput, EmbedReques
                              ToCore, TokenOutput, TranscribeRequest, TranscriptionOutput)
 
 log = logging.getLogger("llm.engine")
+IDLE_TRIM_S = 1.0   # idle this long after work: hand the allocator's freed memory back to the OS
 
 ENGINE_FLAG = "--llm-engine-core"   # the packaged executable (launcher/frozen.py) runs the core when given this
 
@@ -80,10 +81,24 @@ def _one_rank_only(config: EngineConfig) -> None:
         raise ValueError(f"{config.model}: tensor_parallel_size > 1 is for text-generation models only")
 
 
+def _release_freed_memory() -> None:
+    """glibc keeps the heap a burst of work freed (prompt-chunk activations, per-step tensors) as the
+    process's resident memory; malloc_trim returns it. A no-op where the C library has no malloc_trim."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _serve(core: Core, requests: Connection, outputs: Connection) -> None:
+    worked = False
     while True:
-        if not core.has_work():
-            requests.poll(None)  # idle: sleep until a message arrives
+        if not core.has_work():   # idle: sleep until a message arrives
+            if worked and not requests.poll(IDLE_TRIM_S):   # trimming waits for a real pause, never a request
+                _release_freed_memory()
+                worked = False
+            requests.poll(None)
         immediate: list[TokenOutput | TranscriptionOutput] = []
         while requests.poll(0):
             msg: ToCore = requests.recv()
@@ -93,6 +108,7 @@ def _serve(core: Core, requests: Connection, outputs: Connection) -> None:
             immediate.extend(_handle(core, msg, outputs))
         step_outputs: list[TokenOutput | TranscriptionOutput] = []
         if core.has_work():
+            worked = True
             try:
                 step_outputs = core.step()
             except FatalStepError as e:   # no further step can run: fail everything, say why, and exit
