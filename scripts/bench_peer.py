@@ -13,9 +13,9 @@ both servers one after the other (order alternating), each restarted per round, 
 with the server's own tokenizer (/tokenize in vLLM's or llama.cpp's shape; never word counts). llama.cpp runs
 with `-t <cores> --parallel 16 --cont-batching` and a context of 16 slots x 512 tokens; ours with the default
 CPU profile and the same context capacity (kv cache sized to 8192 tokens: float16, as llama.cpp's, under our
-default int8 activations; float32 with --exact-activations). Also printed: startup to ready
-and the resident memory of each server's process tree once ready and after its runs. Each server is started
-once, unmeasured, before the rounds (our first start on a new GGUF packs its weights into a cache).
+default int8 activations; float32 with --exact-activations). Also printed: startup to ready and the resident
+memory of each server's process tree once ready and after its runs (then idle IDLE_S seconds). Each server is
+started once, unmeasured, before the rounds (our first start on a new GGUF packs its weights into a cache).
 A benchmark, not a test: CI does not run it.
 """
 from __future__ import annotations
@@ -44,6 +44,7 @@ AVX512_FLAGS = {"avx512f": "-DGGML_AVX512=ON", "avx512_vnni": "-DGGML_AVX512_VNN
                 "avx512vbmi": "-DGGML_AVX512_VBMI=ON", "avx512_bf16": "-DGGML_AVX512_BF16=ON"}
 SLOTS, SLOT_TOKENS = 16, 512
 LOADS = {1: 8, 4: 16, 16: 32, 32: 64}   # concurrency -> requests
+IDLE_S = 3.0   # the pause before "idle memory after the runs" is read
 
 
 def host_simd() -> tuple[str, list[str]]:
@@ -122,6 +123,7 @@ def run_server(name: str, start, folder: Path, concurrencies: list[int]) -> dict
                                                   "mean_tpot_ms", "total_output_tokens", "completed")}
             print(f"  {name:9} c={c:2}: {res['output_throughput']:6.1f} tok/s, TTFT mean "
                   f"{res['mean_ttft_ms']:7.0f} ms, TPOT mean {res['mean_tpot_ms']:5.1f} ms", flush=True)
+        time.sleep(IDLE_S)   # idle memory: both servers measured after the same pause
         out["rss_after_mib"] = tree_rss_bytes(proc.pid) / 2**20
     finally:
         stop(proc)
