@@ -858,11 +858,25 @@ void llm_store_kv(const float *k, int64_t k_stride, const float *v, int64_t v_st
 #define ATTN_MAX_GROUP 8          /* query heads a KV head, in registers; more take the loop over heads */
 #define ATTN_STACK_FLOATS 8192    /* scores and row offsets on the stack up to this size, else malloc */
 
-/* head g's scores over the tokens: scores[g * padded + t] = (q_g . K_t) * scale, for g < NG */
-ALWAYS_INLINE void attn_scores(const float *qb, const void *k_cache, const int64_t *rows, int64_t ctx,
-                               int64_t padded, const int NG, int64_t D, float scale, float *scores, const int half) {
+#define ATTN_PREFETCH 8           /* tokens ahead: K and V rows sit in scattered blocks, out of the prefetchers' sight */
+
+/* bring one K or V row (D values) towards the core ahead of its use; no effect on any result */
+ALWAYS_INLINE void prefetch_row(const void *cache, int64_t row, int64_t D, const int half) {
+    const char *p = (const char *)cache + row * (half ? 2 : 4);
+    for (int64_t b = 0; b < D * (half ? 2 : 4); b += 64) __builtin_prefetch(p + b);
+}
+
+/* head g's scores over the tokens: scores[g * padded + t] = (q_g . K_t) * scale, for g < NG; the V rows are
+   prefetched on the way, for attn_values */
+ALWAYS_INLINE void attn_scores(const float *qb, const void *k_cache, const void *v_cache, const int64_t *rows,
+                               int64_t ctx, int64_t padded, const int NG, int64_t D, float scale, float *scores,
+                               const int half) {
     const int64_t full = D / TILE * TILE;
     for (int64_t t = 0; t < ctx; t++) {
+        if (t + ATTN_PREFETCH < ctx) {
+            prefetch_row(k_cache, rows[t + ATTN_PREFETCH], D, half);
+            prefetch_row(v_cache, rows[t + ATTN_PREFETCH], D, half);
+        }
         vec16 acc[ATTN_MAX_GROUP];
         for (int g = 0; g < NG; g++) acc[g] = v_zero();
         for (int64_t c = 0; c < full; c += TILE) {
@@ -923,7 +937,7 @@ static void softmax_rows(float *scores, int64_t ctx, int64_t padded, int64_t gro
 ALWAYS_INLINE void attn_heads(const float *qb, const void *k_cache, const void *v_cache, const int64_t *rows,
                               int64_t ctx, int64_t padded, const int NG, int64_t D, float scale, float *scores,
                               float *ob, const int half) {
-    attn_scores(qb, k_cache, rows, ctx, padded, NG, D, scale, scores, half);
+    attn_scores(qb, k_cache, v_cache, rows, ctx, padded, NG, D, scale, scores, half);
     softmax_rows(scores, ctx, padded, NG);
     attn_values(scores, v_cache, rows, ctx, padded, NG, D, ob, half);
 }
