@@ -379,18 +379,37 @@ def test_mixed_shards_widen_to_one_exact_weight() -> None:
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
-def test_store_kv_matches_twin(kv_dtype: torch.dtype) -> None:
-    """The C K/V store (cpu_ops.store_kv) on views into fused qkv rows, with padded rows (-1) skipped: the
-    same cache bits as the torch twin's index_copy."""
-    from kernels import cpu_ops
-    gen = torch.Generator().manual_seed(11)
-    t, kv_heads, d, heads = 9, 3, 64, 9
-    qkv = torch.randn(t, (heads + 2 * kv_heads) * d, generator=gen) * 50
+@pytest.mark.parametrize("kv_heads, d", [(3, 64), (1, 24), (2, 13)])
+def test_store_kv_matches_twin(lib: ctypes.CDLL, kv_dtype: torch.dtype, kv_heads: int, d: int) -> None:
+    """llm_store_kv on views into fused qkv rows (rows of 16-multiples and not), with padded rows (-1)
+    skipped: the same cache bits as the torch twin's index_copy (float16: torch's rounding, ties and
+    subnormals included)."""
+    gen = torch.Generator().manual_seed(11 * d + kv_heads)
+    t, heads = 9, 3 * kv_heads
+    scales = 10.0 ** torch.randint(-7, 4, (t, 1), generator=gen).float()   # rows from float16 subnormals to thousands
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * d, generator=gen) * scales
     k = qkv[:, heads * d:(heads + kv_heads) * d].view(t, kv_heads, d)
     v = qkv[:, (heads + kv_heads) * d:].view(t, kv_heads, d)
     slots = torch.tensor([5, 0, -1, 17, 3, -1, 30, 12, 1])
-    caches = [torch.zeros(4, 8, kv_heads, d, dtype=kv_dtype) for _ in range(4)]
-    cpu_ops.store_kv(k, v, caches[0], caches[1], slots)
-    reference.store_kv(k, v, caches[2], caches[3], slots)
-    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
-    assert caches[0].view(32, kv_heads, d)[5].abs().sum() > 0
+    got_k, got_v, want_k, want_v = (torch.zeros(4, 8, kv_heads, d, dtype=kv_dtype) for _ in range(4))
+    lib.llm_store_kv(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), t, kv_heads * d, slots.data_ptr(),
+                     got_k.data_ptr(), got_v.data_ptr(), int(kv_dtype == torch.float16))
+    reference.store_kv(k, v, want_k, want_v, slots)
+    assert torch.equal(got_k.view(torch.int16 if kv_dtype == torch.float16 else torch.int32),
+                       want_k.view(torch.int16 if kv_dtype == torch.float16 else torch.int32))
+    assert torch.equal(got_v, want_v) and got_k.view(32, kv_heads, d)[5].abs().sum() > 0
+
+
+def test_cpu_ops_store_kv_takes_the_kernel_or_the_twin() -> None:
+    """cpu_ops.store_kv: the C store for float32 rows into a float32/float16 cache, the twin otherwise
+    (a bfloat16 cache), with the same result either way."""
+    from kernels import cpu_ops
+    gen = torch.Generator().manual_seed(2)
+    k, v = torch.randn(4, 2, 32, generator=gen), torch.randn(4, 2, 32, generator=gen)
+    slots = torch.tensor([3, -1, 0, 9])
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        ours, twin = [torch.zeros(2, 8, 2, 32, dtype=dtype) for _ in range(2)], [torch.zeros(2, 8, 2, 32, dtype=dtype)
+                                                                                 for _ in range(2)]
+        cpu_ops.store_kv(k, v, *ours, slots)
+        reference.store_kv(k, v, *twin, slots)
+        assert torch.equal(ours[0], twin[0]) and torch.equal(ours[1], twin[1]), dtype
