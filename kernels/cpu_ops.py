@@ -1,10 +1,11 @@
 """The CPU op set: the torch twins of kernels/reference.py, with C kernels (kernels/cpu_kernels.c) in
 place of those whose torch form costs more in per-op overhead than in arithmetic at decode batch
 sizes: paged decode attention (a gather of every sequence's K/V and a padded SDPA per layer), RMSNorm,
-rotary embedding and SiLU-and-mul (several small ops each, per layer). Prefill attention runs the decode
-kernel once per new token (its causal context as that token's context length): a token's attention output
-is then the same bits whether it was computed in a prompt chunk, as a decode step, or again after a
-preemption, so greedy output does not depend on how the scheduler cut the work.
+rotary embedding, SiLU-and-mul (several small ops each, per layer) and the K/V store (an index_copy with a
+float16 cast, per layer). Prefill attention runs the decode kernel once per new token (its causal context
+as that token's context length): a token's attention output is then the same bits whether it was computed
+in a prompt chunk, as a decode step, or again after a preemption, so greedy output does not depend on how
+the scheduler cut the work.
 Same names and signatures as reference; float32 activations, K/V caches float32 or float16 (other dtypes and
 layouts take the twins)."""
 from __future__ import annotations
