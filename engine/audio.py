@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
-import av
-import numpy as np
+if TYPE_CHECKING:   # imported where used: the API process loads this module for AudioError, never ffmpeg for it
+    import av
+    import numpy as np
 
 SAMPLE_RATE = 16000
 
@@ -26,6 +28,7 @@ def decode_audio(data: bytes, *, max_seconds: float | None = None) -> np.ndarray
 
     Refuses audio longer than max_seconds, from the container's duration when it reports one, else as soon as
     the decoded samples pass it (a file that lies about its duration does not get decoded to the end)."""
+    import av
     if not data:
         raise AudioError("the audio file is empty")
     # NOTE: hostile bytes reach ffmpeg here; whatever it raises is the upload's problem, so it becomes AudioError.
@@ -44,6 +47,7 @@ def decode_audio(data: bytes, *, max_seconds: float | None = None) -> np.ndarray
 
 def pcm16_to_float(data: bytes) -> np.ndarray:
     """Little-endian signed 16-bit mono PCM -> float32 in [-1, 1)."""
+    import numpy as np
     if len(data) % 2:
         raise AudioError(f"PCM16 audio must have an even number of bytes, got {len(data)}")
     return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
@@ -51,6 +55,8 @@ def pcm16_to_float(data: bytes) -> np.ndarray:
 
 def resample(audio: np.ndarray, from_rate: int) -> np.ndarray:
     """float32 [N] mono at from_rate -> float32 [M] mono at 16 kHz (M = N * 16000 / from_rate, rounded)."""
+    import av
+    import numpy as np
     audio = np.ascontiguousarray(audio, dtype=np.float32)
     assert audio.ndim == 1, f"resample takes mono [N] audio, got shape {audio.shape}"
     if from_rate == SAMPLE_RATE or audio.size == 0:
@@ -63,6 +69,7 @@ def resample(audio: np.ndarray, from_rate: int) -> np.ndarray:
 
 
 def _decode(container: av.container.InputContainer, max_seconds: float | None) -> np.ndarray:
+    import numpy as np
     if not container.streams.audio:
         raise AudioError("could not decode the file as audio: it has no audio stream")
     stream = container.streams.audio[0]
@@ -96,6 +103,7 @@ def _decode(container: av.container.InputContainer, max_seconds: float | None) -
 
 
 def _resampler() -> av.AudioResampler:
+    import av
     # The layout stays the source's: we downmix by the channels' mean ourselves, because swresample's float
     # downmix does not normalise (stereo -> 0.707 * (L + R), past 1.0 for loud in-phase audio), and its
     # `rematrix_maxval` fix needs a PyAV new enough to pass resampler options.
@@ -104,6 +112,7 @@ def _resampler() -> av.AudioResampler:
 
 def _extend(chunks: list[np.ndarray], frames: list[av.AudioFrame]) -> int:
     """Append the frames' samples, downmixed to mono, to chunks; returns how many were added."""
+    import numpy as np
     new = [f.to_ndarray().mean(axis=0, dtype=np.float32) for f in frames]
     chunks += new
     return sum(c.size for c in new)
@@ -111,6 +120,7 @@ def _extend(chunks: list[np.ndarray], frames: list[av.AudioFrame]) -> int:
 
 def _reported_seconds(container: av.container.InputContainer, stream: av.audio.AudioStream) -> float | None:
     """The duration the file claims, in seconds: the audio stream's, else the container's, else None."""
+    import av
     if stream.duration is not None and stream.time_base is not None:
         return float(stream.duration * stream.time_base)
     if container.duration is not None:

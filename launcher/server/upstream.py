@@ -7,8 +7,8 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import aiohttp
 import orjson
 from sanic import HTTPResponse
 from sanic.request import Request
@@ -18,6 +18,9 @@ from launcher.server.errors import APIError
 from launcher.server.provider_listings import ListedModel, listing_request, parse_listing
 from launcher.server.settings import UpstreamSettings
 from launcher.server.sse import DONE, HEADERS, event
+
+if TYPE_CHECKING:   # imported on first use: a server without upstreams never loads the HTTP client
+    import aiohttp
 
 log = logging.getLogger("llm.server")
 
@@ -73,6 +76,7 @@ class Upstream:
     def _http(self) -> aiohttp.ClientSession:
         """One pooled session per upstream (aiohttp: ~2 ms less per request than httpx on the dev machine).
         timeout_s bounds connecting and every read: a slow first byte, and a stream that stalls."""
+        import aiohttp
         if self._session is None:
             timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.settings.timeout_s,
                                             sock_read=self.settings.timeout_s)
@@ -149,6 +153,7 @@ class Upstream:
             return self._listing, None
 
     async def _fetch_listing(self, authorization: str | None) -> list[UpstreamModel]:
+        import aiohttp
         s, listed, page = self.settings, [], None
         while True:
             url, params, headers = listing_request(self.provider.engine, s.base_url, s.api_version, self._key(), page)
@@ -207,6 +212,7 @@ class Upstream:
     async def proxy(self, request: Request, endpoint: str, body: dict, model: UpstreamModel,
                     server_has_keys: bool) -> HTTPResponse | None:
         """Relay one request: the body as it came with only `model` rewritten; the answer as it comes."""
+        import aiohttp
         if endpoint not in ENDPOINTS:   # /v1/responses keeps its state here: local models only
             raise APIError(400, f"`{model.id}` is a model of upstream {self.name!r}; /v1/{endpoint} serves this "
                            "server's local models only", param="model", code="model_not_supported")
@@ -252,6 +258,7 @@ class Upstream:
                         "upstream_error", code="upstream_timeout")
 
     async def _read(self, upstream: aiohttp.ClientResponse) -> bytes:
+        import aiohttp
         try:
             return await upstream.read()
         except asyncio.TimeoutError:
@@ -281,6 +288,7 @@ class Upstream:
     async def _relay(self, request: Request, upstream: aiohttp.ClientResponse) -> None:
         """SSE chunk by chunk as the upstream sends them. A stream that breaks off (or ends without [DONE])
         gets a final error event and [DONE], so the client always sees a well-formed end."""
+        import aiohttp
         response = await request.respond(content_type="text/event-stream; charset=utf-8", headers=HEADERS)
         tail = b""
         try:
