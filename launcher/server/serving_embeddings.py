@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 
+import numpy as np
 from sanic import HTTPResponse
 from sanic.request import Request
 
@@ -20,7 +21,6 @@ DECODER_POOLING = ("last", "mean")
 
 
 async def create_embedding(state: ServerState, model: ServedModel, request: Request, body: dict) -> HTTPResponse:
-    import numpy as np   # imported where used: most servers never pool
     f = Fields(body)
     name = f.raw("model")
     info = model.info
