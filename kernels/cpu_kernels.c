@@ -851,7 +851,7 @@ void llm_store_kv(const float *k, int64_t k_stride, const float *v, int64_t v_st
    q, out: [B, H, D]; k_cache, v_cache: [num_blocks, block_size, KVH, D], float32 or (kv_half) float16;
    block_tables: [B, table_width]; context_lens: [B] (the current token's K/V already stored). One task per
    (sequence, KV head): its `group` query heads share each K/V row, read (and widened from float16) once for
-   all of them. Exact softmax over the scores (max, exp, sum); the weighted V sum keeps each 16-wide slice of
+   all of them; a thread takes a sequence's tasks together. Exact softmax over the scores (max, exp, sum); the weighted V sum keeps each 16-wide slice of
    each head's output in registers across the tokens. Each head's sums run in one fixed order (a score: the
    16-lane FMA chain over D, then across lanes; an output slice: even and odd tokens in two chains, then
    added), whatever the group size, the batch or the thread. */
@@ -866,16 +866,18 @@ ALWAYS_INLINE void prefetch_row(const void *cache, int64_t row, int64_t D, const
     for (int64_t b = 0; b < D * (half ? 2 : 4); b += 64) __builtin_prefetch(p + b);
 }
 
-/* head g's scores over the tokens: scores[g * padded + t] = (q_g . K_t) * scale, for g < NG; the V rows are
-   prefetched on the way, for attn_values */
+/* head g's scores over the tokens: scores[g * padded + t] = (q_g . K_t) * scale, for g < NG. On the way it
+   prefetches whole cache slots ahead, K and V of every KV head (slot_len values from the row's start, head_off
+   before it): the sequence's other KV heads, next on this thread, then find them in cache, and the slots of a
+   block, read whole, are one stream to the memory. */
 ALWAYS_INLINE void attn_scores(const float *qb, const void *k_cache, const void *v_cache, const int64_t *rows,
                                int64_t ctx, int64_t padded, const int NG, int64_t D, float scale, float *scores,
-                               const int half) {
+                               const int half, int64_t head_off, int64_t slot_len) {
     const int64_t full = D / TILE * TILE;
     for (int64_t t = 0; t < ctx; t++) {
         if (t + ATTN_PREFETCH < ctx) {
-            prefetch_row(k_cache, rows[t + ATTN_PREFETCH], D, half);
-            prefetch_row(v_cache, rows[t + ATTN_PREFETCH], D, half);
+            prefetch_row(k_cache, rows[t + ATTN_PREFETCH] - head_off, slot_len, half);
+            prefetch_row(v_cache, rows[t + ATTN_PREFETCH] - head_off, slot_len, half);
         }
         vec16 acc[ATTN_MAX_GROUP];
         for (int g = 0; g < NG; g++) acc[g] = v_zero();
@@ -936,8 +938,8 @@ static void softmax_rows(float *scores, int64_t ctx, int64_t padded, int64_t gro
 /* NG query heads (a compile-time count after inlining) of one KV head */
 ALWAYS_INLINE void attn_heads(const float *qb, const void *k_cache, const void *v_cache, const int64_t *rows,
                               int64_t ctx, int64_t padded, const int NG, int64_t D, float scale, float *scores,
-                              float *ob, const int half) {
-    attn_scores(qb, k_cache, v_cache, rows, ctx, padded, NG, D, scale, scores, half);
+                              float *ob, const int half, int64_t head_off, int64_t slot_len) {
+    attn_scores(qb, k_cache, v_cache, rows, ctx, padded, NG, D, scale, scores, half, head_off, slot_len);
     softmax_rows(scores, ctx, padded, NG);
     attn_values(scores, v_cache, rows, ctx, padded, NG, D, ob, half);
 }
@@ -953,7 +955,7 @@ ALWAYS_INLINE void decode_attention_head(const float *qb, const void *k_cache, c
     int64_t *rows = on_stack ? stack_rows : malloc(sizeof(int64_t) * (size_t)(ctx > 0 ? ctx : 1));
     for (int64_t t = 0; t < ctx; t++)   /* token -> row offset */
         rows[t] = ((table[t / block_size] * block_size + t % block_size) * KVH + kh) * D;
-#define ATTN_HEADS(ng) attn_heads(qb, k_cache, v_cache, rows, ctx, padded, ng, D, scale, scores, ob, half)
+#define ATTN_HEADS(ng) attn_heads(qb, k_cache, v_cache, rows, ctx, padded, ng, D, scale, scores, ob, half, kh * D, KVH * D)
     switch (group) {
         case 1: ATTN_HEADS(1); break; case 2: ATTN_HEADS(2); break; case 3: ATTN_HEADS(3); break;
         case 4: ATTN_HEADS(4); break; case 5: ATTN_HEADS(5); break; case 6: ATTN_HEADS(6); break;
@@ -961,7 +963,7 @@ ALWAYS_INLINE void decode_attention_head(const float *qb, const void *k_cache, c
         default:   /* one head at a time: the same sums, head by head */
             for (int64_t g = 0; g < group; g++)
                 attn_heads(qb + g * D, k_cache, v_cache, rows, ctx, padded, 1, D, scale, scores + g * padded,
-                           ob + g * D, half);
+                           ob + g * D, half, kh * D, KVH * D);
     }
 #undef ATTN_HEADS
     if (!on_stack) {
@@ -975,7 +977,10 @@ void llm_paged_decode_attention(const float *q, const void *k_cache, const void 
                                 int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t block_size,
                                 float scale, int64_t kv_half, float *out) {
     const int64_t group = H / KVH;
-    #pragma omp parallel for schedule(dynamic, 1) collapse(2)
+    /* a sequence's KV heads to one thread in a row, which reads its slots whole (see attn_scores); with few
+       rows, one head a task, so both threads share even a single long sequence */
+    const int64_t chunk = B >= 4 ? KVH : 1;
+    #pragma omp parallel for schedule(dynamic, chunk) collapse(2)
     for (int64_t b = 0; b < B; b++) {
         for (int64_t kh = 0; kh < KVH; kh++) {
             const float *qb = q + (b * H + kh * group) * D;
