@@ -68,7 +68,7 @@ def bind(path: Path) -> ctypes.CDLL:
     signatures = {
         "llm_q4_matmul": [p, i64, i64, p, p, p, i64, p, p],
         "llm_q8_matmul": [p, i64, i64, p, p, p, i64, i64, p, p],
-        "llm_int8_matmul": [p, i64, i64, p, p, p, i64, i64, i64, i64, p],
+        "llm_int8_matmul": [p, i64, i64, p, p, p, i64, i64, i64, i64, i64, p],
         "llm_quantize_activations": [p, i64, i64, i64, p, p, p],
         "llm_paged_decode_attention": [p, p, p, p, i64, p, i64, i64, i64, i64, i64, f32, i64, p],
         "llm_float_to_half": [p, i64, p],

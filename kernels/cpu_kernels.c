@@ -486,6 +486,7 @@ static inline wvec w_load(const void *p) { return _mm512_loadu_si512(p); }
 static inline wvec w_lo(wvec w) { return _mm512_and_si512(w, _mm512_set1_epi8(15)); }
 static inline wvec w_hi(wvec w) { return _mm512_and_si512(_mm512_srli_epi16(w, 4), _mm512_set1_epi8(15)); }
 static inline ivec16 iv_add(ivec16 a, ivec16 b) { return _mm512_add_epi32(a, b); }
+static inline ivec16 iv_set1(int32_t a) { return _mm512_set1_epi32(a); }
 static inline vec16 iv_to_float(ivec16 a) { return _mm512_cvtepi32_ps(a); }
 #if defined(__AVX512VNNI__)
 #define Q8_OFFSET 128
@@ -542,6 +543,7 @@ static inline wvec w_hi(wvec w) {
 static inline ivec16 iv_add(ivec16 x, ivec16 y) {
     return (ivec16){_mm256_add_epi32(x.a, y.a), _mm256_add_epi32(x.b, y.b)};
 }
+static inline ivec16 iv_set1(int32_t a) { const __m256i v = _mm256_set1_epi32(a); return (ivec16){v, v}; }
 static inline vec16 iv_to_float(ivec16 x) { return (vec16){_mm256_cvtepi32_ps(x.a), _mm256_cvtepi32_ps(x.b)}; }
 static inline __m256i dot4_8(__m256i w_u8, __m256i x_s8) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(w_u8, x_s8), _mm256_set1_epi16(1));
@@ -577,6 +579,7 @@ static inline wvec w_load(const void *p) { wvec r; memcpy(r.b, p, sizeof r.b); r
 static inline wvec w_lo(wvec w) { for (int i = 0; i < 4 * TILE; i++) w.b[i] &= 15; return w; }
 static inline wvec w_hi(wvec w) { for (int i = 0; i < 4 * TILE; i++) w.b[i] >>= 4; return w; }
 static inline ivec16 iv_add(ivec16 a, ivec16 b) { for (int i = 0; i < TILE; i++) a.v[i] += b.v[i]; return a; }
+static inline ivec16 iv_set1(int32_t a) { ivec16 r; for (int i = 0; i < TILE; i++) r.v[i] = a; return r; }
 static inline vec16 iv_to_float(ivec16 a) {   /* through memory: vec16 may be a vector type (AVX-512F, no BW) */
     float f[TILE];
     for (int i = 0; i < TILE; i++) f[i] = (float)a.v[i];
@@ -696,10 +699,11 @@ ALWAYS_INLINE vec16 int_group_step(vec16 acc, ivec16 isum, vec16 sc, const vec16
     return v_fma(sc, v_mul(iv_to_float(isum), v_set1(d)), acc);
 }
 
-/* R rows of one 16-output tile over 4-bit weights: each 64-byte load (8 inputs of 16 outputs) serves R rows. */
+/* R rows of one 16-output tile over 4-bit weights: each 64-byte load (8 inputs of 16 outputs) serves R rows.
+   w = scale * q + zero, or with no zero (Q4_0) scale * (q - offset): offset * qsum comes off the integer sum. */
 ALWAYS_INLINE void q4i_rows(const int8_t *q, int64_t K, int64_t G, const uint8_t *w, const void *scale,
-                            const void *zero, int half, const float *d, const int32_t *qsum, const int R, float *out,
-                            int64_t N, int64_t n_valid) {
+                            const void *zero, int32_t offset, int half, const float *d, const int32_t *qsum,
+                            const int R, float *out, int64_t N, int64_t n_valid) {
     vec16 acc[ROW_BLOCK];
     for (int r = 0; r < R; r++) acc[r] = v_zero();
     for (int64_t g = 0; g < G; g++) {
@@ -713,9 +717,16 @@ ALWAYS_INLINE void q4i_rows(const int8_t *q, int64_t K, int64_t G, const uint8_t
                 s[r] = p_dot4_u(p_dot4_u(s[r], lo, load4(qr)), hi, load4(qr + 4));
             }
         }
-        const vec16 sc = v_load_scales(scale, half, g), zp = v_load_scales(zero, half, g);
-        for (int r = 0; r < R; r++)
-            acc[r] = int_group_step(acc[r], p_sum(s[r]), sc, &zp, d[r * G + g], qsum[r * G + g]);
+        const vec16 sc = v_load_scales(scale, half, g);
+        if (zero) {
+            const vec16 zp = v_load_scales(zero, half, g);
+            for (int r = 0; r < R; r++)
+                acc[r] = int_group_step(acc[r], p_sum(s[r]), sc, &zp, d[r * G + g], qsum[r * G + g]);
+        } else {
+            for (int r = 0; r < R; r++)
+                acc[r] = int_group_step(acc[r], iv_add(p_sum(s[r]), iv_set1(-offset * qsum[r * G + g])), sc, NULL,
+                                        d[r * G + g], qsum[r * G + g]);
+        }
     }
     for (int r = 0; r < R; r++) store_tile(out + r * N, acc[r], n_valid);
 }
@@ -745,10 +756,10 @@ ALWAYS_INLINE void q8i_rows(const int8_t *q, int64_t K, int64_t G, int64_t GS, c
     for (int r = 0; r < R; r++) store_tile(out + r * N, acc[r], n_valid);
 }
 
-/* One call for both widths: bits 4 (GS = 32, zero required) or 8 (GS 32 or 16, zero optional); scale and zero
-   [tiles, G, 16] float16 (half_scales) or float32. */
+/* One call for both widths: bits 4 (GS = 32; a zero, or none and an offset) or 8 (GS 32 or 16, zero optional);
+   scale and zero [tiles, G, 16] float16 (half_scales) or float32. */
 void llm_int8_matmul(const float *x, int64_t M, int64_t K, const void *w, const void *scale, const void *zero,
-                     int64_t half_scales, int64_t bits, int64_t GS, int64_t N, float *out) {
+                     int64_t half_scales, int64_t bits, int64_t GS, int64_t offset, int64_t N, float *out) {
     const int half = half_scales != 0;
     const size_t sbytes = half ? 2 : 4;
     const int64_t G = K / GS, tiles = (N + TILE - 1) / TILE;
@@ -769,7 +780,7 @@ void llm_int8_matmul(const float *x, int64_t M, int64_t K, const void *w, const 
             const int R = M - r0 < ROW_BLOCK ? (int)(M - r0) : ROW_BLOCK;
             if (bits == 4) {
                 const uint8_t *wt = (const uint8_t *)w + t * G * 16 * TILE;
-#define Q4I(n) q4i_rows(qr, K, G, wt, st, zt, half, dr, sr, n, o, N, n_valid)
+#define Q4I(n) q4i_rows(qr, K, G, wt, st, zt, (int32_t)offset, half, dr, sr, n, o, N, n_valid)
                 switch (R) {
                     case 1: Q4I(1); break; case 2: Q4I(2); break; case 3: Q4I(3); break; case 4: Q4I(4); break;
                     case 5: Q4I(5); break; case 6: Q4I(6); break; case 7: Q4I(7); break; default: Q4I(8); break;

@@ -18,7 +18,7 @@ void llm_q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *w, const
 void llm_q8_matmul(const float *x, int64_t M, int64_t K, const int8_t *w, const float *scale,
                    const float *zero, int64_t GS, int64_t N, float *out, float *xsum);
 void llm_int8_matmul(const float *x, int64_t M, int64_t K, const void *w, const void *scale, const void *zero,
-                     int64_t half_scales, int64_t bits, int64_t GS, int64_t N, float *out);
+                     int64_t half_scales, int64_t bits, int64_t GS, int64_t offset, int64_t N, float *out);
 void llm_paged_decode_attention(const float *q, const void *k_cache, const void *v_cache,
                                 const int64_t *block_tables, int64_t table_width, const int64_t *context_lens,
                                 int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t block_size,
@@ -39,6 +39,7 @@ typedef struct {
     int64_t bits, group, out_features, in_features;
     int64_t int8_activations;          /* pack_int8's layout: llm_int8_matmul */
     int64_t half_scales;               /* float16 scale/zero (pack_int8 only) */
+    int64_t offset;                    /* pack_int8's 4-bit weights, zero NULL: w = scale * (q - offset) */
 } llm_packed_weight;
 
 /* One DecoderLayer's weights. NOTE: matches kernels/cpu_ops._DecoderLayer. */
@@ -53,7 +54,7 @@ typedef struct {
 static void matmul(const float *x, int64_t M, const llm_packed_weight *w, float *out, float *xsum) {
     if (w->int8_activations)
         llm_int8_matmul(x, M, w->in_features, w->data, w->scale, w->zero, w->half_scales, w->bits, w->group,
-                        w->out_features, out);
+                        w->offset, w->out_features, out);
     else if (w->bits == 4)
         llm_q4_matmul(x, M, w->in_features, w->data, w->scale, w->zero, w->out_features, out,
                       w->zero ? xsum : NULL);

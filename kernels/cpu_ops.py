@@ -145,7 +145,7 @@ class _PackedWeight(ctypes.Structure):
     _fields_ = [("data", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p),
                 ("bits", ctypes.c_int64), ("group", ctypes.c_int64), ("out_features", ctypes.c_int64),
                 ("in_features", ctypes.c_int64), ("int8_activations", ctypes.c_int64),
-                ("half_scales", ctypes.c_int64)]
+                ("half_scales", ctypes.c_int64), ("offset", ctypes.c_int64)]
 
 
 class _DecoderLayer(ctypes.Structure):
@@ -162,7 +162,7 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 def _packed(w) -> _PackedWeight:
     """A kernels.cpu_quant.PackedWeight as quant_matmul hands it to the kernels."""
     return _PackedWeight(w.data.data_ptr(), w.scale.data_ptr(), _ptr(w.zero), w.bits, w.group, w.out_features,
-                         w.in_features, w.activations == "int8", w.scale.dtype == torch.float16)
+                         w.in_features, w.activations == "int8", w.scale.dtype == torch.float16, w.offset)
 
 
 class DecodeStack:

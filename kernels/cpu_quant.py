@@ -17,6 +17,7 @@ from kernels.cpu_build import load_library
 
 TILE = 16     # outputs per packed tile (one 16-lane vector)
 GROUP = 32    # inputs per scale/zero group
+Q4_0_OFFSET = 8   # Q4_0's 4-bit values are q - 8 (GGUF stores q in 0..15)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +72,7 @@ class PackedWeight:
     in_features: int             # K
     group: int = GROUP           # inputs per scale/zero group
     activations: str = "float32"  # "int8": pack_int8's layout, for the kernel that quantizes the activations
+    offset: int = 0               # pack_int8's 4-bit weights with zero None: w = scale * (q - offset) (Q4_0: 8)
 
     @property
     def num_bytes(self) -> int:
@@ -112,6 +114,8 @@ def unpack(w: PackedWeight) -> QuantizedTensor:
     n, k, g = w.out_features, w.in_features, w.in_features // w.group
     scale = w.scale.transpose(1, 2).reshape(-1, g)[:n].float()
     zero = None if w.zero is None else w.zero.transpose(1, 2).reshape(-1, g)[:n].float()
+    if w.offset:
+        zero = scale * -float(w.offset)   # exact: the zero the offset stands for
     if w.activations == "int8":
         return _unpack_int8(w, scale, zero)
     if w.bits == 4:
@@ -135,7 +139,7 @@ def quant_matmul(x: torch.Tensor, w: PackedWeight, lib: ctypes.CDLL | None = Non
     if w.activations == "int8":
         lib.llm_int8_matmul(x.data_ptr(), m, w.in_features, w.data.data_ptr(), w.scale.data_ptr(),
                             None if w.zero is None else w.zero.data_ptr(), w.scale.dtype == torch.float16,
-                            w.bits, w.group, w.out_features, out.data_ptr())
+                            w.bits, w.group, w.offset, w.out_features, out.data_ptr())
         return out
     zero = xsum = None
     if w.zero is not None:
@@ -181,10 +185,15 @@ def pack_int8(w: QuantizedTensor) -> PackedWeight:
         q = _tiles(w.q, n).view(-1, TILE, g, w.group // 4, 4)
         data = q.permute(0, 2, 3, 1, 4).contiguous()                            # [tiles, G, group/4, 16, 4]
     scale = _group_major(w.scale, n)
+    offset = 0
+    if w.bits == 4 and w.zero is not None and torch.equal(w.zero, w.scale * -float(Q4_0_OFFSET)):
+        # Q4_0 (zero = -8 * scale, exactly): the kernel subtracts 8 * sum(q) from each integer group sum, one
+        # integer add a row and group where the zero term costs a float multiply-add
+        zero, offset = None, Q4_0_OFFSET
     # GGUF's float16 scales stay float16 (exact): a sixth fewer bytes to read for 4-bit weights
     if all(t is None or torch.equal(t.half().float(), t) for t in (scale, zero)):
         scale, zero = scale.half(), None if zero is None else zero.half()
-    return PackedWeight(data, scale, zero, w.bits, n, k, w.group, "int8")
+    return PackedWeight(data, scale, zero, w.bits, n, k, w.group, "int8", offset)
 
 
 def to_int8_layout(w: PackedWeight) -> PackedWeight:
@@ -231,8 +240,9 @@ def _fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 
 def quant_matmul_int8_twin(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
-    """The torch twin of the int8-activation kernel: the same quantized rows, exact integer group sums, and
-    per group acc = fma(scale, d * isum, fma(d * qsum, zero, acc)) in float32, groups in order."""
+    """The torch twin of the int8-activation kernel: the same quantized rows, exact integer group sums (less
+    offset * qsum for an offset weight), and per group acc = fma(scale, d * isum, fma(d * qsum, zero, acc)) in
+    float32, groups in order."""
     qw = unpack(w)
     m, k = x.shape
     n, g, gs = w.out_features, k // w.group, w.group
@@ -240,9 +250,12 @@ def quant_matmul_int8_twin(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     # integer sums in float64: exact (|isum| < 2^21), and torch has no CPU integer matmul
     isum = torch.einsum("mgk,ngk->mng", qx.double().view(m, g, gs), qw.q.double().view(n, g, gs))
     qsum = qx.view(m, g, gs).sum(dim=-1, dtype=torch.int32).float()            # [M, G], exact
+    zero = None if w.offset else qw.zero
+    if w.offset:
+        isum = isum - w.offset * qsum.double()[:, None, :]
     acc = torch.zeros(m, n)
     for j in range(g):
-        if qw.zero is not None:
-            acc = _fma32((d[:, j] * qsum[:, j])[:, None], qw.zero[None, :, j], acc)
+        if zero is not None:
+            acc = _fma32((d[:, j] * qsum[:, j])[:, None], zero[None, :, j], acc)
         acc = _fma32(qw.scale[None, :, j], isum[:, :, j].float() * d[:, j, None], acc)
     return acc

@@ -28,4 +28,6 @@ def packed_rows(w: PackedWeight, ids: torch.Tensor) -> torch.Tensor:
     out = q * w.scale[tile, :, lane].float()[..., None]
     if w.zero is not None:
         out = out + w.zero[tile, :, lane].float()[..., None]
+    elif w.offset:   # the zero it stands for, -offset * scale (exact), added as the zero would be
+        out = out + (w.scale[tile, :, lane].float() * -float(w.offset))[..., None]
     return out.reshape(len(ids), w.in_features)

@@ -35,13 +35,14 @@ def cpu_flags() -> set[str]:
 
 
 def random_weight(bits: int, n: int, k: int, gen: torch.Generator, group: int = 32,
-                  with_zero: bool = False) -> QuantizedTensor:
+                  with_zero: bool | str = False) -> QuantizedTensor:
+    """with_zero "q4_0": 4-bit with Q4_0's zero, -8 * scale (pack_int8 turns it into an offset)."""
     groups = k // group
     scale = torch.rand(n, groups, generator=gen) * 0.02 + 0.001
     zero = (torch.rand(n, groups, generator=gen) - 0.5) * 0.1
     if bits == 4:
         q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
-        return QuantizedTensor(q, scale, zero, 4)
+        return QuantizedTensor(q, scale, -8.0 * scale if with_zero == "q4_0" else zero, 4)
     q = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
     return QuantizedTensor(q, scale, zero if with_zero else None, 8, group)
 
@@ -67,7 +68,8 @@ def lib(request, tmp_path_factory) -> ctypes.CDLL:
 
 
 # q8 also carries the 5/6-bit types: with a zero (Q5_1, Q5_K) and with groups of 16 (Q6_K)
-KINDS = {"q4": (4, 32, True), "q8": (8, 32, False), "q8-zero": (8, 32, True), "q8-group16": (8, 16, False)}
+KINDS = {"q4": (4, 32, True), "q4_0": (4, 32, "q4_0"), "q8": (8, 32, False), "q8-zero": (8, 32, True),
+         "q8-group16": (8, 16, False)}
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -193,6 +195,8 @@ def test_int8_integer_sums_are_exact(lib: ctypes.CDLL, kind: str) -> None:
     if bits == 8:
         w.q[0, :group] = -128
     zero = None if w.zero is None else torch.randint(-3, 4, w.zero.shape, generator=gen).float()
+    if with_zero == "q4_0":
+        zero = torch.full_like(w.scale, -8.0)
     w = QuantizedTensor(w.q, torch.ones_like(w.scale), zero, bits, group)
     x = torch.randint(-127, 128, (m, k), generator=gen).float()
     x.view(m, -1, group)[:, :, 0] = 127.0 * torch.where(torch.rand(m, k // group, generator=gen) < 0.5, -1, 1)
@@ -200,6 +204,19 @@ def test_int8_integer_sums_are_exact(lib: ctypes.CDLL, kind: str) -> None:
     got = quant_matmul(x, pack_int8(w), lib)
     assert torch.equal(got, want)
     assert torch.equal(quant_matmul_int8_twin(x, pack_int8(w)), want)
+
+
+def test_q4_0_packs_as_an_offset() -> None:
+    """pack_int8 stores Q4_0 (zero = -8 * scale exactly) as scales and an offset of 8, no zeros; unpack gives
+    the zero back. Any other zero stays a zero."""
+    gen = torch.Generator().manual_seed(5)
+    w = random_weight(4, 37, 96, gen, with_zero="q4_0")
+    packed = pack_int8(w)
+    assert packed.offset == 8 and packed.zero is None
+    assert torch.equal(unpack(packed).dequantize(), w.dequantize())
+    near = QuantizedTensor(w.q, w.scale, w.zero * (1 + 2 ** -20), 4)
+    assert pack_int8(near).offset == 0 and pack_int8(near).zero is not None
+    assert pack(w).offset == 0 and pack(w).zero is not None
 
 
 @pytest.mark.parametrize("group", [32, 16])
