@@ -501,6 +501,12 @@ typedef ivec16 pvec;
 static inline pvec p_zero(void) { return iv_zero(); }
 static inline pvec p_dot4_u(pvec p, wvec w, int32_t x4) { return dot4_u(p, w, x4); }
 static inline ivec16 p_sum(pvec p) { return p; }
+/* the same, x4 read from memory as vpdpbusd's broadcast operand (GCC would broadcast it into a register first) */
+static inline ivec16 dot4_u_at(ivec16 acc, wvec w, const int8_t *x) {
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*(const int32_t *)x));
+    return acc;
+}
+#define HAVE_DOT4_AT 1
 #else
 #define Q8_OFFSET 0
 static inline ivec16 dot4_u(ivec16 acc, wvec w, int32_t x4) {
@@ -607,6 +613,13 @@ static inline ivec16 dot4_s(ivec16 acc, wvec w, int32_t x4) {
 #endif
 
 static inline int32_t load4(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
+#ifdef HAVE_DOT4_AT
+static inline pvec p_dot4_u_at(pvec p, wvec w, const int8_t *x) { return dot4_u_at(p, w, x); }
+static inline ivec16 dot4_s_at(ivec16 acc, wvec w, const int8_t *x) { return dot4_u_at(acc, w, x); }
+#else
+static inline pvec p_dot4_u_at(pvec p, wvec w, const int8_t *x) { return p_dot4_u(p, w, load4(x)); }
+static inline ivec16 dot4_s_at(ivec16 acc, wvec w, const int8_t *x) { return dot4_s(acc, w, load4(x)); }
+#endif
 
 /* max |a_i|; and a vector of small integers (already rounded and clamped) stored as int8, returning their sum */
 #if defined(__AVX512F__)
@@ -714,7 +727,7 @@ ALWAYS_INLINE void q4i_rows(const int8_t *q, int64_t K, int64_t G, const uint8_t
             const wvec v = w_load(p + c * 4 * TILE), lo = w_lo(v), hi = w_hi(v);
             for (int r = 0; r < R; r++) {
                 const int8_t *qr = q + r * K + g * 32 + 8 * c;
-                s[r] = p_dot4_u(p_dot4_u(s[r], lo, load4(qr)), hi, load4(qr + 4));
+                s[r] = p_dot4_u_at(p_dot4_u_at(s[r], lo, qr), hi, qr + 4);
             }
         }
         const vec16 sc = v_load_scales(scale, half, g);
@@ -742,7 +755,7 @@ ALWAYS_INLINE void q8i_rows(const int8_t *q, int64_t K, int64_t G, int64_t GS, c
         for (int r = 0; r < R; r++) s[r] = iv_zero();
         for (int64_t c = 0; c < GS / 4; c++) {
             const wvec v = w_signed_prep(w_load(p + c * 4 * TILE));
-            for (int r = 0; r < R; r++) s[r] = dot4_s(s[r], v, load4(q + r * K + g * GS + 4 * c));
+            for (int r = 0; r < R; r++) s[r] = dot4_s_at(s[r], v, q + r * K + g * GS + 4 * c);
         }
         const vec16 sc = v_load_scales(scale, half, g), zp = zero ? v_load_scales(zero, half, g) : v_zero();
         for (int r = 0; r < R; r++) {
