@@ -4,10 +4,9 @@ from __future__ import annotations
 import io
 from typing import TYPE_CHECKING
 
-import numpy as np
-
-if TYPE_CHECKING:   # imported where used: the API process loads this module at start, ffmpeg only for audio
+if TYPE_CHECKING:   # imported where used: the API process loads this module for AudioError, never ffmpeg for it
     import av
+    import numpy as np
 
 SAMPLE_RATE = 16000
 
@@ -48,6 +47,7 @@ def decode_audio(data: bytes, *, max_seconds: float | None = None) -> np.ndarray
 
 def pcm16_to_float(data: bytes) -> np.ndarray:
     """Little-endian signed 16-bit mono PCM -> float32 in [-1, 1)."""
+    import numpy as np
     if len(data) % 2:
         raise AudioError(f"PCM16 audio must have an even number of bytes, got {len(data)}")
     return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
@@ -56,6 +56,7 @@ def pcm16_to_float(data: bytes) -> np.ndarray:
 def resample(audio: np.ndarray, from_rate: int) -> np.ndarray:
     """float32 [N] mono at from_rate -> float32 [M] mono at 16 kHz (M = N * 16000 / from_rate, rounded)."""
     import av
+    import numpy as np
     audio = np.ascontiguousarray(audio, dtype=np.float32)
     assert audio.ndim == 1, f"resample takes mono [N] audio, got shape {audio.shape}"
     if from_rate == SAMPLE_RATE or audio.size == 0:
@@ -68,6 +69,7 @@ def resample(audio: np.ndarray, from_rate: int) -> np.ndarray:
 
 
 def _decode(container: av.container.InputContainer, max_seconds: float | None) -> np.ndarray:
+    import numpy as np
     if not container.streams.audio:
         raise AudioError("could not decode the file as audio: it has no audio stream")
     stream = container.streams.audio[0]
@@ -110,6 +112,7 @@ def _resampler() -> av.AudioResampler:
 
 def _extend(chunks: list[np.ndarray], frames: list[av.AudioFrame]) -> int:
     """Append the frames' samples, downmixed to mono, to chunks; returns how many were added."""
+    import numpy as np
     new = [f.to_ndarray().mean(axis=0, dtype=np.float32) for f in frames]
     chunks += new
     return sum(c.size for c in new)

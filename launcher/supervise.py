@@ -10,8 +10,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from launcher.profile import Profile, ProfileError
@@ -51,10 +49,36 @@ def prepare_launch(profile: Profile) -> LaunchSpec | None:
     return spec
 
 
+def local_host(host: str) -> str:
+    """The address this machine reaches a server bound to `host` at."""
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+
 def local_url(host: str, port: int) -> str:
     """Where this machine reaches a server bound to host:port."""
-    host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+    host = local_host(host)
     return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
+def http_get(host: str, port: int, path: str, timeout: float) -> tuple[int, bytes]:
+    """(status, body) of GET http://host:port/path over a plain socket. NOTE: not urllib: this process only
+    waits for the server, and urllib's import (ssl, email, http.client) would add ~8 MB to its resident memory
+    for all of the server's life. Raises OSError (no connection) or ValueError (not an HTTP response)."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode("ascii"))
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    head, sep, body = b"".join(chunks).partition(b"\r\n\r\n")
+    status_line, *headers = head.split(b"\r\n")
+    parts = status_line.split(b" ", 2)
+    if not sep or len(parts) < 2 or not parts[0].startswith(b"HTTP/"):
+        raise ValueError("not an HTTP response")
+    for header in headers:
+        name, _, value = header.partition(b":")
+        if name.strip().lower() == b"content-length":
+            body = body[:int(value)]
+    return int(parts[1]), body
 
 
 def serve(profile: Profile) -> int:
@@ -92,7 +116,7 @@ def _supervise(spec: LaunchSpec, spec_file: Path, status_file: Path) -> int:
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         url = local_url(settings.host, settings.port)
-        ready = _wait_ready(child, url, stopping)
+        ready = _wait_ready(child, local_host(settings.host), settings.port, stopping)
         if ready is not None:
             print(ready_line(spec, ready, url, time.monotonic() - started), flush=True)
         code = _wait_exit(child, stopping)
@@ -125,23 +149,21 @@ def ready_line(spec: LaunchSpec, ready: dict, url: str, seconds: float) -> str:
             f"ready in {seconds:.1f}s")
 
 
-def _wait_ready(child: subprocess.Popen, url: str, stopping: dict) -> dict | None:
+def _wait_ready(child: subprocess.Popen, host: str, port: int, stopping: dict) -> dict | None:
     """Poll readiness, printing each startup phase once; the ready body, or None if the server ended first."""
     last_phase = None
     while child.poll() is None and stopping["signal"] is None:
         try:
-            with urllib.request.urlopen(url + "/health/ready", timeout=2) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as e:
-            try:
-                phase = json.loads(e.read()).get("phase")
-            except ValueError:
-                phase = None
-            if phase and phase != last_phase:
-                print(f"llm: {phase} ...", file=sys.stderr, flush=True)
-                last_phase = phase
-        except (urllib.error.URLError, OSError, ValueError):
-            pass  # the port is not up yet
+            status, body = http_get(host, port, "/health/ready", timeout=2)
+            answer = json.loads(body)
+        except (OSError, ValueError):
+            answer = None   # the port is not up yet
+        if answer is not None and status == 200:
+            return answer
+        phase = answer.get("phase") if isinstance(answer, dict) else None
+        if phase and phase != last_phase:
+            print(f"llm: {phase} ...", file=sys.stderr, flush=True)
+            last_phase = phase
         time.sleep(_READY_POLL_S)
     return None
 

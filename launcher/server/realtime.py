@@ -16,9 +16,8 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import orjson
 from sanic.exceptions import WebsocketClosed
 from sanic.request import Request
@@ -31,6 +30,9 @@ from launcher.server.serving_audio import find_speech_model, require_speech
 from launcher.server.state import ServerState
 from launcher.server.transcription import (Transcription, check_language, check_length, new_request,
                                            prompt_token_ids)
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger("llm.server")
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import base64
 
-import numpy as np
 from sanic import HTTPResponse
 from sanic.request import Request
 
@@ -21,6 +20,7 @@ DECODER_POOLING = ("last", "mean")
 
 
 async def create_embedding(state: ServerState, model: ServedModel, request: Request, body: dict) -> HTTPResponse:
+    import numpy as np   # imported where used: most servers never pool
     f = Fields(body)
     name = f.raw("model")
     info = model.info

@@ -7,7 +7,6 @@ import base64
 import math
 import time
 
-import numpy as np
 from sanic import HTTPResponse
 from sanic.request import Request
 
@@ -72,6 +71,7 @@ async def _pool(state: ServerState, model: ServedModel, prefix: str, ids: list[l
 async def score_pairs(state: ServerState, model: ServedModel, pairs: list[tuple[str, str]],
                       truncate: int | None) -> tuple[list[float], int]:
     """(one score per pair, prompt tokens run), in one engine call."""
+    import numpy as np   # imported where used: most servers never pool
     max_len = _limit(model, truncate)
     if model.info.labels:   # a cross-encoder: both texts in one input, the label's activated logit
         encoded = [model.tokenizer.encode_pair(a, b, max_len) for a, b in pairs]
@@ -98,6 +98,7 @@ def _envelope(state: ServerState, prefix: str, name: str, data: list, num_tokens
 async def create_pooling(state: ServerState, model: ServedModel, request: Request, body: dict) -> HTTPResponse:
     """vLLM's /pooling: the model's pooled output per input (embedding, or a classifier's probabilities), or
     with task 'token_embed' every token's last hidden state."""
+    import numpy as np   # imported where used: most servers never pool
     require(state, model, "pooling", "/pooling")
     req = parse_inputs(body, model.info.vocab_size, pooling=True)
     labels = model.info.labels
@@ -117,6 +118,7 @@ async def create_pooling(state: ServerState, model: ServedModel, request: Reques
 
 async def create_classify(state: ServerState, model: ServedModel, request: Request, body: dict) -> HTTPResponse:
     """vLLM's /classify: per input the most likely label, every label's probability and their number."""
+    import numpy as np   # imported where used: most servers never pool
     require(state, model, "classify", "/classify")
     req = parse_inputs(body, model.info.vocab_size, pooling=False)
     ids = encode_inputs(model, req.inputs, _limit(model, req.truncate_prompt_tokens))

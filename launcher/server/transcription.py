@@ -10,8 +10,7 @@ import contextlib
 import functools
 import time
 from collections.abc import AsyncIterator
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from engine.audio import SAMPLE_RATE, AudioError, decode_audio
 from engine.detokenizer import IncrementalDetokenizer
@@ -22,6 +21,9 @@ from launcher.server.responses import usage
 from launcher.server.served_model import ServedModel
 from launcher.server.speech_languages import language_code
 from launcher.server.transcript_formats import full_text
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MIN_SAMPLES = SAMPLE_RATE // 100     # one 10 ms mel frame
 
