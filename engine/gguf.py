@@ -1,6 +1,8 @@
 """GGUF files: metadata, a Hugging Face-style config, and tensors under Hugging Face parameter names."""
 from __future__ import annotations
 
+import math
+import mmap
 import os
 import re
 import struct
@@ -10,10 +12,9 @@ from typing import Any, Iterator
 
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from engine.gguf_types import QUANT_SIZES, QT, SUPPORTED_QTYPES, type_name
 
+# NOTE: no numpy either: the server process reads a header (the tokenizer) and would load numpy only for that
 if TYPE_CHECKING:   # torch only where tensors are read: the server reads headers (the tokenizer) without it
     import torch
 
@@ -79,7 +80,7 @@ class GGUFFile:
     metadata: dict[str, Any]                  # key -> str/int/float/bool/list, as gguf's field.contents()
     architecture: str                         # general.architecture
     tensor_infos: tuple[GGUFTensorInfo, ...]  # in file order
-    _data: np.ndarray = field(repr=False, compare=False)   # the whole file, memory-mapped
+    _data: mmap.mmap = field(repr=False, compare=False)   # the whole file, mapped copy-on-write
 
     def _key(self, name: str, default: Any = None, required: bool = False) -> Any:
         key = f"{self.architecture}.{name}"
@@ -165,7 +166,7 @@ class GGUFFile:
         import torch
 
         from engine.dequant import dequantize
-        raw = torch.from_numpy(self._data[info.offset:info.offset + info.num_bytes])
+        raw = torch.frombuffer(self._data, dtype=torch.uint8, count=info.num_bytes, offset=info.offset)
         return dequantize(raw, info.qtype, info.shape, torch.float32 if dtype is None else dtype)
 
     def iter_tensors(self, dtype: "torch.dtype | None" = None,
@@ -186,7 +187,7 @@ class GGUFFile:
         from engine.dequant import split_quantized
         from kernels.cpu_quant import QuantizedTensor
         for info, hf_name, heads in self._hf_tensors():
-            raw = torch.from_numpy(self._data[info.offset:info.offset + info.num_bytes])
+            raw = torch.frombuffer(self._data, dtype=torch.uint8, count=info.num_bytes, offset=info.offset)
             w = split_quantized(raw, info.qtype, info.shape)
             if w is None:
                 continue
@@ -244,8 +245,8 @@ class _Cursor:
             raise ValueError(f"unknown metadata value type {vtype}")
         item_type, count = self.scalar("<I"), self.scalar("<Q")
         if item_type in _SCALARS:  # numeric arrays in one go: token types, scores
-            dtype = np.dtype(_SCALARS[item_type])
-            return np.frombuffer(self.take(count * dtype.itemsize), dtype=dtype).tolist()
+            fmt = f"<{count}{_SCALARS[item_type][1:]}"
+            return list(struct.unpack(fmt, self.take(struct.calcsize(fmt))))
         if item_type == _STRING:
             start, self.pos = self.pos, _skip_strings(self.buf, self.pos, count)
             return LazyStrings(self.buf, start, count)
@@ -307,7 +308,7 @@ class LazyStrings(Sequence):
         return list, (self._decoded(),)
 
 
-def _parse(path: str, data: np.ndarray) -> GGUFFile:
+def _parse(path: str, data: mmap.mmap) -> GGUFFile:
     cur = _Cursor(memoryview(data))
     if bytes(cur.take(4)) != GGUF_MAGIC:
         raise ValueError("not a GGUF file (bad magic)")
@@ -333,7 +334,7 @@ def _parse(path: str, data: np.ndarray) -> GGUFFile:
         if qtype not in SUPPORTED_QTYPES:
             raise ValueError(f"tensor {name} has unsupported quantization {type_name(qtype)}")
         block_size, type_size = QUANT_SIZES[qtype]
-        num_elements = int(np.prod(dims, dtype=np.int64))
+        num_elements = math.prod(dims)
         if dims and dims[0] % block_size:
             raise ValueError(f"tensor {name}: row length {dims[0]} is not a multiple of {block_size}")
         info = GGUFTensorInfo(name, tuple(reversed(dims)), qtype, data_start + offset,
@@ -357,7 +358,8 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
     path = str(path)
     try:
         # Copy-on-write: tensors may alias the map writably (torch wants that) without touching the file.
-        data = np.memmap(path, dtype=np.uint8, mode="c")
+        with open(path, "rb") as f:
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     except (OSError, ValueError) as e:  # missing, unreadable, or empty (ValueError: cannot mmap empty)
         raise GGUFError(f"{path}: cannot map file: {e}") from e
     try:

@@ -1,5 +1,6 @@
 """The server process starts without torch: only the engine process needs it, and importing it (~1.5 s of
-CPU) there too slowed every start on a 2-core host by as much. Checked in a fresh interpreter."""
+CPU) there too slowed every start on a 2-core host by as much. Nor numpy (~15 MB resident) for a text model:
+only audio, embeddings and pooling use it, on their first request. Checked in a fresh interpreter."""
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from launcher.server.served_model import load_server_tokenizer
 from engine.vision import load_image_processor
 tokenizer = load_server_tokenizer(sys.argv[1])          # the default model: a GGUF header's vocabulary
 assert tokenizer.encode("hello", add_special_tokens=False)
-heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "sympy"))
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "sympy", "numpy"))
 assert not heavy, heavy[:5]
 """
 
