@@ -1,12 +1,11 @@
 """`llm bench serve`'s prompt tokenizer: the server's own, in vLLM's or llama.cpp's shape; never a silent switch."""
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from launcher.bench.client import ServerTokenizer
 from launcher.bench.serve import ServeBenchConfig, _pick_tokenizer
+from tests.launcher.loopback_http import JSONHandler, serve as _serve
 
 VOCAB = ["hello", " world", " there"]
 
@@ -20,40 +19,23 @@ def _ids(text: str) -> list[int]:
     return out
 
 
-class _LlamaCppShapes(BaseHTTPRequestHandler):
+class _LlamaCppShapes(JSONHandler):
     """llama.cpp's server: POST /tokenize {"content"} -> {"tokens"}, /detokenize {"tokens"} -> {"content"};
     a body in vLLM's shape ({"prompt"}) is a 500, as llama.cpp answers a missing field."""
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         if self.path == "/tokenize" and "content" in body:
-            self._answer(200, {"tokens": _ids(body["content"])})
+            self.answer(200, {"tokens": _ids(body["content"])})
         elif self.path == "/detokenize" and "tokens" in body and "model" not in body:
-            self._answer(200, {"content": "".join(VOCAB[t] for t in body["tokens"])})
+            self.answer(200, {"content": "".join(VOCAB[t] for t in body["tokens"])})
         else:
-            self._answer(500, {"error": {"code": 500, "message": "[json.exception.out_of_range.403] key 'content'"}})
-
-    def _answer(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+            self.answer(500, {"error": {"code": 500, "message": "[json.exception.out_of_range.403] key 'content'"}})
 
 
 class _NoTokenizer(_LlamaCppShapes):
     def do_POST(self):
-        self._answer(404, {"error": "not found"})
-
-
-def _serve(handler) -> tuple[ThreadingHTTPServer, str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}"
+        self.answer(404, {"error": "not found"})
 
 
 @pytest.fixture

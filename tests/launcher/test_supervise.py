@@ -5,38 +5,28 @@ import socket
 import subprocess
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from launcher.supervise import http_get
+from tests.launcher.loopback_http import JSONHandler, serve
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JSONHandler):
     protocol_version = "HTTP/1.1"   # keep-alive by default: the client's Connection: close must end it
     answers = [(503, {"status": "starting", "phase": "loading weights"}), (200, {"status": "ready"})]
 
     def do_GET(self):
         status, body = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
-        data = json.dumps({**body, "path": self.path}).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+        self.answer(status, {**body, "path": self.path})
 
 
 @pytest.fixture
 def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
+    httpd, _ = serve(_Handler)
     yield httpd.server_address[1]
     httpd.shutdown()
     httpd.server_close()
