@@ -871,14 +871,14 @@ void llm_store_kv(const float *k, int64_t k_stride, const float *v, int64_t v_st
     }
 }
 
-/* One query token per sequence over its paged K/V (the twin: reference.paged_decode_attention).
-   q, out: [B, H, D]; k_cache, v_cache: [num_blocks, block_size, KVH, D], float32 or (kv_half) float16;
-   block_tables: [B, table_width]; context_lens: [B] (the current token's K/V already stored). One task per
-   (sequence, KV head): its `group` query heads share each K/V row, read (and widened from float16) once for
-   all of them; a thread takes a sequence's tasks together. Exact softmax over the scores (max, exp, sum); the weighted V sum keeps each 16-wide slice of
-   each head's output in registers across the tokens. Each head's sums run in one fixed order (a score: the
-   16-lane FMA chain over D, then across lanes; an output slice: even and odd tokens in two chains, then
-   added), whatever the group size, the batch or the thread. */
+/* One query token per sequence over its paged K/V (the twin: reference.paged_decode_attention). q, out: [B, H, D];
+   k_cache, v_cache: [num_blocks, block_size, KVH, D], float32 or (kv_half) float16; block_tables: [B, table_width];
+   context_lens: [B] (the current token's K/V already stored). One task per (sequence, KV head): its `group` query
+   heads share each K/V row, read (and widened from float16) once for all of them; a thread takes a sequence's tasks
+   together. Exact softmax over the scores (max, exp, sum); the weighted V sum keeps each 16-wide slice of each
+   head's output in registers across the tokens. Each head's sums run in one fixed order (a score: the 16-lane FMA
+   chain over D, then across lanes; an output slice: even and odd tokens in two chains, then added), whatever the
+   group size, the batch or the thread. */
 #define ATTN_MAX_GROUP 8          /* query heads a KV head, in registers; more take the loop over heads */
 #define ATTN_STACK_FLOATS 8192    /* scores and row offsets on the stack up to this size, else malloc */
 
@@ -979,7 +979,8 @@ ALWAYS_INLINE void decode_attention_head(const float *qb, const void *k_cache, c
     int64_t *rows = on_stack ? stack_rows : malloc(sizeof(int64_t) * (size_t)(ctx > 0 ? ctx : 1));
     for (int64_t t = 0; t < ctx; t++)   /* token -> row offset */
         rows[t] = ((table[t / block_size] * block_size + t % block_size) * KVH + kh) * D;
-#define ATTN_HEADS(ng) attn_heads(qb, k_cache, v_cache, rows, ctx, padded, ng, D, scale, scores, ob, half, kh * D, KVH * D)
+#define ATTN_HEADS(ng) \
+    attn_heads(qb, k_cache, v_cache, rows, ctx, padded, ng, D, scale, scores, ob, half, kh * D, KVH * D)
     switch (group) {
         case 1: ATTN_HEADS(1); break; case 2: ATTN_HEADS(2); break; case 3: ATTN_HEADS(3); break;
         case 4: ATTN_HEADS(4); break; case 5: ATTN_HEADS(5); break; case 6: ATTN_HEADS(6); break;
