@@ -490,29 +490,21 @@ static inline ivec16 iv_set1(int32_t a) { return _mm512_set1_epi32(a); }
 static inline vec16 iv_to_float(ivec16 a) { return _mm512_cvtepi32_ps(a); }
 #if defined(__AVX512VNNI__)
 #define Q8_OFFSET 128
-/* acc += per lane sum of 4 u8 weights x 4 s8 inputs (the same x4 in every lane) */
-static inline ivec16 dot4_u(ivec16 acc, wvec w, int32_t x4) {
-    return _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi32(x4));
-}
-static inline wvec w_signed_prep(wvec w) { return _mm512_xor_si512(w, _mm512_set1_epi8((char)0x80)); }  /* w + 128 */
-static inline ivec16 dot4_s(ivec16 acc, wvec w_prepped, int32_t x4) { return dot4_u(acc, w_prepped, x4); }
-/* a 4-bit group's partial sums: vpdpbusd accumulates in int32 already */
-typedef ivec16 pvec;
-static inline pvec p_zero(void) { return iv_zero(); }
-static inline pvec p_dot4_u(pvec p, wvec w, int32_t x4) { return dot4_u(p, w, x4); }
-static inline ivec16 p_sum(pvec p) { return p; }
-/* the same, x4 read from memory as vpdpbusd's broadcast operand (GCC would broadcast it into a register first) */
+/* acc += per lane sum of 4 u8 weights x the 4 s8 inputs at x (the same in every lane), read from memory as
+   vpdpbusd's broadcast operand (GCC 12 broadcasts _mm512_set1_epi32 into a register first, an extra instruction
+   a product) */
 static inline ivec16 dot4_u_at(ivec16 acc, wvec w, const int8_t *x) {
     __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*(const int32_t *)x));
     return acc;
 }
-#define HAVE_DOT4_AT 1
+static inline wvec w_signed_prep(wvec w) { return _mm512_xor_si512(w, _mm512_set1_epi8((char)0x80)); }  /* w + 128 */
+/* a 4-bit group's partial sums: vpdpbusd accumulates in int32 already */
+typedef ivec16 pvec;
+static inline pvec p_zero(void) { return iv_zero(); }
+static inline ivec16 p_sum(pvec p) { return p; }
+#define DOT4_READS_MEMORY 1   /* the _at forms below are these, not the register forms of the other builds */
 #else
 #define Q8_OFFSET 0
-static inline ivec16 dot4_u(ivec16 acc, wvec w, int32_t x4) {
-    const __m512i p = _mm512_maddubs_epi16(w, _mm512_set1_epi32(x4));   /* |pair| <= 2*15*127: no saturation */
-    return _mm512_add_epi32(acc, _mm512_madd_epi16(p, _mm512_set1_epi16(1)));
-}
 /* A 4-bit group's partial sums kept as int16 pairs (vpmaddubsw) and widened once a group (vpmaddwd): 8
    products-of-pairs of at most 2*15*127 each sum to <= 30480, inside int16, so the sums stay exact. */
 typedef __m512i pvec;
@@ -553,10 +545,6 @@ static inline ivec16 iv_set1(int32_t a) { const __m256i v = _mm256_set1_epi32(a)
 static inline vec16 iv_to_float(ivec16 x) { return (vec16){_mm256_cvtepi32_ps(x.a), _mm256_cvtepi32_ps(x.b)}; }
 static inline __m256i dot4_8(__m256i w_u8, __m256i x_s8) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(w_u8, x_s8), _mm256_set1_epi16(1));
-}
-static inline ivec16 dot4_u(ivec16 acc, wvec w, int32_t x4) {
-    const __m256i x = _mm256_set1_epi32(x4);
-    return (ivec16){_mm256_add_epi32(acc.a, dot4_8(w.a, x)), _mm256_add_epi32(acc.b, dot4_8(w.b, x))};
 }
 /* a 4-bit group's partial sums as int16 pairs, widened once a group (exact: see the AVX-512BW branch) */
 typedef struct { __m256i a, b; } pvec;
@@ -613,9 +601,10 @@ static inline ivec16 dot4_s(ivec16 acc, wvec w, int32_t x4) {
 #endif
 
 static inline int32_t load4(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
-#ifdef HAVE_DOT4_AT
+/* the kernels' products: 4 inputs at x (pointer forms) */
+#ifdef DOT4_READS_MEMORY
 static inline pvec p_dot4_u_at(pvec p, wvec w, const int8_t *x) { return dot4_u_at(p, w, x); }
-static inline ivec16 dot4_s_at(ivec16 acc, wvec w, const int8_t *x) { return dot4_u_at(acc, w, x); }
+static inline ivec16 dot4_s_at(ivec16 acc, wvec w_prepped, const int8_t *x) { return dot4_u_at(acc, w_prepped, x); }
 #else
 static inline pvec p_dot4_u_at(pvec p, wvec w, const int8_t *x) { return p_dot4_u(p, w, load4(x)); }
 static inline ivec16 dot4_s_at(ivec16 acc, wvec w, const int8_t *x) { return dot4_s(acc, w, load4(x)); }
