@@ -162,6 +162,11 @@ static inline vec16 v_exp(vec16 x) {
 /* Store a tile's 16 results, or only the first n_valid of them for the last, partial tile. */
 static inline void store_tile(float *dst, vec16 acc, int64_t n_valid) {
     if (n_valid == TILE) { v_store(dst, acc); return; }
+#if defined(__AVX512F__)
+    /* NOTE: a masked store, not memcpy: a call here keeps the callers' accumulators in memory as well */
+    _mm512_mask_storeu_ps(dst, (__mmask16)((1u << n_valid) - 1u), acc);
+    return;
+#endif
     float tmp[TILE];
     v_store(tmp, acc);
     memcpy(dst, tmp, (size_t)n_valid * sizeof(float));
@@ -498,21 +503,24 @@ static inline ivec16 dot4_u_at(ivec16 acc, wvec w, const int8_t *x) {
     return acc;
 }
 static inline wvec w_signed_prep(wvec w) { return _mm512_xor_si512(w, _mm512_set1_epi8((char)0x80)); }  /* w + 128 */
-/* a 4-bit group's partial sums: vpdpbusd accumulates in int32 already */
+/* a 4-bit group's partial sums: vpdpbusd accumulates in int32 already, so they start at the group's correction
+   (p_start) and are the total as they stand (p_total) */
 typedef ivec16 pvec;
-static inline pvec p_zero(void) { return iv_zero(); }
-static inline ivec16 p_sum(pvec p) { return p; }
+static inline pvec p_start(int32_t init) { return iv_set1(init); }
+static inline ivec16 p_total(pvec p, int32_t init) { (void)init; return p; }
 #define DOT4_READS_MEMORY 1   /* the _at forms below are these, not the register forms of the other builds */
 #else
 #define Q8_OFFSET 0
 /* A 4-bit group's partial sums kept as int16 pairs (vpmaddubsw) and widened once a group (vpmaddwd): 8
    products-of-pairs of at most 2*15*127 each sum to <= 30480, inside int16, so the sums stay exact. */
 typedef __m512i pvec;
-static inline pvec p_zero(void) { return _mm512_setzero_si512(); }
+static inline pvec p_start(int32_t init) { (void)init; return _mm512_setzero_si512(); }
 static inline pvec p_dot4_u(pvec p, wvec w, int32_t x4) {
     return _mm512_add_epi16(p, _mm512_maddubs_epi16(w, _mm512_set1_epi32(x4)));
 }
-static inline ivec16 p_sum(pvec p) { return _mm512_madd_epi16(p, _mm512_set1_epi16(1)); }
+static inline ivec16 p_total(pvec p, int32_t init) {
+    return _mm512_add_epi32(_mm512_madd_epi16(p, _mm512_set1_epi16(1)), _mm512_set1_epi32(init));
+}
 static inline wvec w_signed_prep(wvec w) { return w; }
 static inline ivec16 dot4_s(ivec16 acc, wvec w, int32_t x4) {
     const __mmask64 neg = _mm512_movepi8_mask(w);
@@ -548,15 +556,16 @@ static inline __m256i dot4_8(__m256i w_u8, __m256i x_s8) {
 }
 /* a 4-bit group's partial sums as int16 pairs, widened once a group (exact: see the AVX-512BW branch) */
 typedef struct { __m256i a, b; } pvec;
-static inline pvec p_zero(void) { return (pvec){_mm256_setzero_si256(), _mm256_setzero_si256()}; }
+static inline pvec p_start(int32_t init) { (void)init; return (pvec){_mm256_setzero_si256(), _mm256_setzero_si256()}; }
 static inline pvec p_dot4_u(pvec p, wvec w, int32_t x4) {
     const __m256i x = _mm256_set1_epi32(x4);
     return (pvec){_mm256_add_epi16(p.a, _mm256_maddubs_epi16(w.a, x)),
                   _mm256_add_epi16(p.b, _mm256_maddubs_epi16(w.b, x))};
 }
-static inline ivec16 p_sum(pvec p) {
-    const __m256i one = _mm256_set1_epi16(1);
-    return (ivec16){_mm256_madd_epi16(p.a, one), _mm256_madd_epi16(p.b, one)};
+static inline ivec16 p_total(pvec p, int32_t init) {
+    const __m256i one = _mm256_set1_epi16(1), start = _mm256_set1_epi32(init);
+    return (ivec16){_mm256_add_epi32(_mm256_madd_epi16(p.a, one), start),
+                    _mm256_add_epi32(_mm256_madd_epi16(p.b, one), start)};
 }
 static inline wvec w_signed_prep(wvec w) { return w; }
 static inline ivec16 dot4_s(ivec16 acc, wvec w, int32_t x4) {
@@ -587,9 +596,9 @@ static inline ivec16 dot4_u(ivec16 acc, wvec w, int32_t x4) {
     return acc;
 }
 typedef ivec16 pvec;
-static inline pvec p_zero(void) { return iv_zero(); }
+static inline pvec p_start(int32_t init) { return iv_set1(init); }
 static inline pvec p_dot4_u(pvec p, wvec w, int32_t x4) { return dot4_u(p, w, x4); }
-static inline ivec16 p_sum(pvec p) { return p; }
+static inline ivec16 p_total(pvec p, int32_t init) { (void)init; return p; }
 static inline wvec w_signed_prep(wvec w) { return w; }
 static inline ivec16 dot4_s(ivec16 acc, wvec w, int32_t x4) {
     int8_t x[4];
@@ -669,91 +678,126 @@ static inline vec16 v_load_scales(const void *p, int half, int64_t g) {
     return half ? v_load_half((const uint16_t *)p + g * TILE) : v_load((const float *)p + g * TILE);
 }
 
-/* Quantize each GS-input group of each row (the twin: cpu_quant.quantize_activations):
-   q [M, K] int8; d [M, G] the scales; qsum [M, G] the sums of q, as int32. d = max|x| / 127 and
-   q = round-half-even(x * (1 / d)) in float32, exactly as the twin computes them (an all-zero group: d = 0, q = 0). */
+/* One GS-input group of a row to int8 (the twin: cpu_quant.quantize_activations): d = max|x| / 127 and
+   q = round-half-even(x * (1 / d)) in float32, exactly as the twin computes them (an all-zero group: d = 0, q = 0);
+   returns d, the sum of q in *qsum. */
+static inline float quantize_group(const float *xg, int64_t GS, int8_t *qg, int32_t *qsum) {
+    float amax = 0.0f;
+    for (int64_t j = 0; j < GS; j += TILE) {
+        const float a = v_amax(v_load(xg + j));
+        amax = a > amax ? a : amax;
+    }
+    const float dg = amax / 127.0f, inv = dg > 0.0f ? 1.0f / dg : 0.0f;
+    int32_t s = 0;
+    for (int64_t j = 0; j < GS; j += TILE)
+        s += v_store_int8(qg + j, v_clamp(v_round(v_mul(v_load(xg + j), v_set1(inv))), -127.0f, 127.0f));
+    *qsum = s;
+    return dg;
+}
+
+/* ~0.5 ns an input: serial for decode rows, split over rows for prompt chunks (each row alike on any thread) */
+#define QUANTIZE_IN_PARALLEL(M, K) ((M) * (K) >= 65536)
+
+/* Quantize each GS-input group of each row: q [M, K] int8; d [M, G] the scales; qsum [M, G] the sums of q, as
+   int32 (the layout the twin's tests read; the kernels below use act_blocks). */
 void llm_quantize_activations(const float *x, int64_t M, int64_t K, int64_t GS, int8_t *q, float *d,
                               int32_t *qsum) {
     const int64_t G = K / GS;
-    /* ~0.5 ns an input: serial for decode rows, split over rows for prompt chunks (each row alike on any thread) */
-    #pragma omp parallel for schedule(static) if (M * K >= 65536)
+    #pragma omp parallel for schedule(static) if (QUANTIZE_IN_PARALLEL(M, K))
+    for (int64_t r = 0; r < M; r++)
+        for (int64_t g = 0; g < G; g++)
+            d[r * G + g] = quantize_group(x + r * K + g * GS, GS, q + r * K + g * GS, qsum + r * G + g);
+}
+
+/* The quantized rows as the kernels read them: ROW_BLOCK rows at a time, each group's ROW_BLOCK rows side by side
+   (q [blocks, G, ROW_BLOCK, GS]), so that one pointer and constant offsets reach every row's inputs in the inner
+   loop — a pointer a row would not fit in the registers beside the accumulators. Per row and group ([blocks, G,
+   ROW_BLOCK]): d; dq = d * qsum, the zero term's factor; start = the integer sum's correction, -offset * qsum
+   (an offset weight, and VNNI's +128 on 8-bit weights). All precomputed, so a group's float step is a convert, a
+   multiply and one or two FMAs a row, their scalars read as broadcast operands. */
+typedef struct { int8_t *q; float *d, *dq; int32_t *start; } act_blocks;
+
+static void act_blocks_alloc(act_blocks *a, int64_t M, int64_t K, int64_t G) {
+    const size_t rows = (size_t)((M + ROW_BLOCK - 1) / ROW_BLOCK * ROW_BLOCK);
+    a->q = malloc(rows * (size_t)K);
+    a->d = malloc(sizeof(float) * rows * (size_t)G);
+    a->dq = malloc(sizeof(float) * rows * (size_t)G);
+    a->start = malloc(sizeof(int32_t) * rows * (size_t)G);
+}
+static void act_blocks_free(act_blocks *a) { free(a->q); free(a->d); free(a->dq); free(a->start); }
+
+static void quantize_blocks(const float *x, int64_t M, int64_t K, int64_t GS, int32_t start_per_qsum,
+                            act_blocks a) {
+    const int64_t G = K / GS;
+    #pragma omp parallel for schedule(static) if (QUANTIZE_IN_PARALLEL(M, K))
     for (int64_t r = 0; r < M; r++)
         for (int64_t g = 0; g < G; g++) {
-            const float *xg = x + r * K + g * GS;
-            int8_t *qg = q + r * K + g * GS;
-            float amax = 0.0f;
-            for (int64_t j = 0; j < GS; j += TILE) {
-                const float a = v_amax(v_load(xg + j));
-                amax = a > amax ? a : amax;
-            }
-            const float dg = amax / 127.0f, inv = dg > 0.0f ? 1.0f / dg : 0.0f;
-            int32_t s = 0;
-            for (int64_t j = 0; j < GS; j += TILE)
-                s += v_store_int8(qg + j, v_clamp(v_round(v_mul(v_load(xg + j), v_set1(inv))), -127.0f, 127.0f));
-            d[r * G + g] = dg;
-            qsum[r * G + g] = s;
+            const int64_t at = (r / ROW_BLOCK * G + g) * ROW_BLOCK + r % ROW_BLOCK;
+            int32_t qsum;
+            const float dg = quantize_group(x + r * K + g * GS, GS, a.q + at * GS, &qsum);
+            a.d[at] = dg;
+            a.dq[at] = dg * (float)qsum;
+            a.start[at] = start_per_qsum * qsum;
         }
 }
 
-/* acc += scale * (d * isum) (+ zero * (d * qsum)): one group's float step, the same in every build */
-ALWAYS_INLINE vec16 int_group_step(vec16 acc, ivec16 isum, vec16 sc, const vec16 *zp, float d, int32_t qsum) {
-    if (zp) acc = v_fma_s(d * (float)qsum, *zp, acc);
+/* acc += zero * dq (with a zero), then acc += scale * (isum * d): one group's float step, the same in every build
+   and in the twin's order */
+ALWAYS_INLINE vec16 int_group_step(vec16 acc, ivec16 isum, vec16 sc, const vec16 *zp, float d, float dq) {
+    if (zp) acc = v_fma(v_set1(dq), *zp, acc);
     return v_fma(sc, v_mul(iv_to_float(isum), v_set1(d)), acc);
 }
 
-/* R rows of one 16-output tile over 4-bit weights: each 64-byte load (8 inputs of 16 outputs) serves R rows.
-   w = scale * q + zero, or with no zero (Q4_0) scale * (q - offset): offset * qsum comes off the integer sum. */
-ALWAYS_INLINE void q4i_rows(const int8_t *q, int64_t K, int64_t G, const uint8_t *w, const void *scale,
-                            const void *zero, int32_t offset, int half, const float *d, const int32_t *qsum,
-                            const int R, float *out, int64_t N, int64_t n_valid) {
+/* R rows (of one act_blocks block) of one 16-output tile over 4-bit weights: each 64-byte load (8 inputs of 16
+   outputs) serves R rows. w = scale * q + zero, or with no zero (Q4_0) scale * (q - offset), the offset * qsum
+   coming off the integer sum through its start. */
+ALWAYS_INLINE void q4i_rows(const int8_t *q, const float *d, const float *dq, const int32_t *start, int64_t G,
+                            const uint8_t *w, const void *scale, const void *zero, int half, const int R,
+                            float *out, int64_t N, int64_t n_valid) {
     vec16 acc[ROW_BLOCK];
     for (int r = 0; r < R; r++) acc[r] = v_zero();
     for (int64_t g = 0; g < G; g++) {
         const uint8_t *p = w + g * 16 * TILE;
+        const int8_t *qg = q + g * ROW_BLOCK * 32;
+        const int64_t m = g * ROW_BLOCK;
         pvec s[ROW_BLOCK];
-        for (int r = 0; r < R; r++) s[r] = p_zero();
+        for (int r = 0; r < R; r++) s[r] = p_start(start[m + r]);
         for (int c = 0; c < 4; c++) {
             const wvec v = w_load(p + c * 4 * TILE), lo = w_lo(v), hi = w_hi(v);
-            for (int r = 0; r < R; r++) {
-                const int8_t *qr = q + r * K + g * 32 + 8 * c;
-                s[r] = p_dot4_u_at(p_dot4_u_at(s[r], lo, qr), hi, qr + 4);
-            }
+            for (int r = 0; r < R; r++)
+                s[r] = p_dot4_u_at(p_dot4_u_at(s[r], lo, qg + r * 32 + 8 * c), hi, qg + r * 32 + 8 * c + 4);
         }
         const vec16 sc = v_load_scales(scale, half, g);
         if (zero) {
             const vec16 zp = v_load_scales(zero, half, g);
             for (int r = 0; r < R; r++)
-                acc[r] = int_group_step(acc[r], p_sum(s[r]), sc, &zp, d[r * G + g], qsum[r * G + g]);
+                acc[r] = int_group_step(acc[r], p_total(s[r], start[m + r]), sc, &zp, d[m + r], dq[m + r]);
         } else {
             for (int r = 0; r < R; r++)
-                acc[r] = int_group_step(acc[r], iv_add(p_sum(s[r]), iv_set1(-offset * qsum[r * G + g])), sc, NULL,
-                                        d[r * G + g], qsum[r * G + g]);
+                acc[r] = int_group_step(acc[r], p_total(s[r], start[m + r]), sc, NULL, d[m + r], dq[m + r]);
         }
     }
     for (int r = 0; r < R; r++) store_tile(out + r * N, acc[r], n_valid);
 }
 
-ALWAYS_INLINE void q8i_rows(const int8_t *q, int64_t K, int64_t G, int64_t GS, const int8_t *w, const void *scale,
-                            const void *zero, int half, const float *d, const int32_t *qsum, const int R, float *out,
-                            int64_t N, int64_t n_valid) {
+ALWAYS_INLINE void q8i_rows(const int8_t *q, const float *d, const float *dq, const int32_t *start, int64_t G,
+                            int64_t GS, const int8_t *w, const void *scale, const void *zero, int half, const int R,
+                            float *out, int64_t N, int64_t n_valid) {
     vec16 acc[ROW_BLOCK];
     for (int r = 0; r < R; r++) acc[r] = v_zero();
     for (int64_t g = 0; g < G; g++) {
         const int8_t *p = w + g * GS * TILE;
+        const int8_t *qg = q + g * ROW_BLOCK * GS;
+        const int64_t m = g * ROW_BLOCK;
         ivec16 s[ROW_BLOCK];
-        for (int r = 0; r < R; r++) s[r] = iv_zero();
+        for (int r = 0; r < R; r++) s[r] = iv_set1(start[m + r]);   /* VNNI: undoes the +128 on w */
         for (int64_t c = 0; c < GS / 4; c++) {
             const wvec v = w_signed_prep(w_load(p + c * 4 * TILE));
-            for (int r = 0; r < R; r++) s[r] = dot4_s_at(s[r], v, q + r * K + g * GS + 4 * c);
+            for (int r = 0; r < R; r++) s[r] = dot4_s_at(s[r], v, qg + r * GS + 4 * c);
         }
         const vec16 sc = v_load_scales(scale, half, g), zp = zero ? v_load_scales(zero, half, g) : v_zero();
-        for (int r = 0; r < R; r++) {
-            ivec16 isum = s[r];
-#if Q8_OFFSET
-            isum = iv_add(isum, _mm512_set1_epi32(-Q8_OFFSET * qsum[r * G + g]));   /* undo the +128 on w */
-#endif
-            acc[r] = int_group_step(acc[r], isum, sc, zero ? &zp : NULL, d[r * G + g], qsum[r * G + g]);
-        }
+        for (int r = 0; r < R; r++)
+            acc[r] = int_group_step(acc[r], s[r], sc, zero ? &zp : NULL, d[m + r], dq[m + r]);
     }
     for (int r = 0; r < R; r++) store_tile(out + r * N, acc[r], n_valid);
 }
@@ -765,24 +809,23 @@ void llm_int8_matmul(const float *x, int64_t M, int64_t K, const void *w, const 
     const int half = half_scales != 0;
     const size_t sbytes = half ? 2 : 4;
     const int64_t G = K / GS, tiles = (N + TILE - 1) / TILE;
-    int8_t *q = malloc((size_t)(M * K));
-    float *d = malloc(sizeof(float) * (size_t)(M * G));
-    int32_t *qsum = malloc(sizeof(int32_t) * (size_t)(M * G));
-    llm_quantize_activations(x, M, K, GS, q, d, qsum);
+    act_blocks a;
+    act_blocks_alloc(&a, M, K, G);
+    quantize_blocks(x, M, K, GS, bits == 4 ? -(int32_t)offset : -Q8_OFFSET, a);
     #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < tiles; t++) {
         const int64_t n_valid = N - t * TILE < TILE ? N - t * TILE : TILE;
         const char *st = (const char *)scale + (size_t)(t * G * TILE) * sbytes;
         const char *zt = zero ? (const char *)zero + (size_t)(t * G * TILE) * sbytes : NULL;
         for (int64_t r0 = 0; r0 < M; r0 += ROW_BLOCK) {
-            const int8_t *qr = q + r0 * K;
-            const float *dr = d + r0 * G;
-            const int32_t *sr = qsum + r0 * G;
+            const int8_t *qb = a.q + r0 * K;     /* block r0 / ROW_BLOCK: ROW_BLOCK * K bytes a block */
+            const float *db = a.d + r0 * G, *dqb = a.dq + r0 * G;
+            const int32_t *sb = a.start + r0 * G;
             float *o = out + r0 * N + t * TILE;
             const int R = M - r0 < ROW_BLOCK ? (int)(M - r0) : ROW_BLOCK;
             if (bits == 4) {
                 const uint8_t *wt = (const uint8_t *)w + t * G * 16 * TILE;
-#define Q4I(n) q4i_rows(qr, K, G, wt, st, zt, (int32_t)offset, half, dr, sr, n, o, N, n_valid)
+#define Q4I(n) q4i_rows(qb, db, dqb, sb, G, wt, st, zt, half, n, o, N, n_valid)
                 switch (R) {
                     case 1: Q4I(1); break; case 2: Q4I(2); break; case 3: Q4I(3); break; case 4: Q4I(4); break;
                     case 5: Q4I(5); break; case 6: Q4I(6); break; case 7: Q4I(7); break; default: Q4I(8); break;
@@ -790,7 +833,7 @@ void llm_int8_matmul(const float *x, int64_t M, int64_t K, const void *w, const 
 #undef Q4I
             } else {
                 const int8_t *wt = (const int8_t *)w + t * G * GS * TILE;
-#define Q8I(n) q8i_rows(qr, K, G, GS, wt, st, zt, half, dr, sr, n, o, N, n_valid)
+#define Q8I(n) q8i_rows(qb, db, dqb, sb, G, GS, wt, st, zt, half, n, o, N, n_valid)
                 switch (R) {
                     case 1: Q8I(1); break; case 2: Q8I(2); break; case 3: Q8I(3); break; case 4: Q8I(4); break;
                     case 5: Q8I(5); break; case 6: Q8I(6); break; case 7: Q8I(7); break; default: Q8I(8); break;
@@ -799,9 +842,7 @@ void llm_int8_matmul(const float *x, int64_t M, int64_t K, const void *w, const 
             }
         }
     }
-    free(qsum);
-    free(d);
-    free(q);
+    act_blocks_free(&a);
 }
 
 /* K/V rows as float32, or as float16 (kv_half): a float16 cache holds twice the tokens in the same memory, as
