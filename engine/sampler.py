@@ -56,18 +56,49 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow],
     """logit_bias -> min_tokens/ignore_eos masks -> repetition -> presence/frequency, on [B, V] logits.
 
     Returns `logits` itself when no row uses any of them, else a new tensor (the input is never written).
-    Each stage touches only the (row, token) pairs it concerns, so its cost scales with the ids, not B * V.
     """
-    vocab_size = logits.shape[-1]
+    if not any(_penalty_stages(rows)):
+        return logits
+    x = logits.clone(memory_format=torch.contiguous_format)
+    penalize_in_place(x, rows, eos_token_ids)
+    return x
+
+
+@dataclass(frozen=True, slots=True)
+class PenaltyUndo:
+    """The (row, token) logits penalize_in_place overwrote, stage by stage: (rows, token ids, values before)."""
+    saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+    def restore(self, logits: torch.Tensor) -> None:
+        """Put the raw logits back, exactly: latest stage first, so each pair ends at its value before all."""
+        for row_ids, token_ids, values in reversed(self.saved):
+            logits[row_ids, token_ids] = values
+
+
+def _penalty_stages(rows: Sequence[SamplingRow]) -> tuple[list[int], list[int], list[int], list[int]]:
+    """The rows each stage concerns: logit_bias, masks, repetition, presence/frequency."""
     biased = [i for i, r in enumerate(rows) if r.params.logit_bias]
     masked = [i for i, r in enumerate(rows)
               if r.params.ignore_eos or len(r.output_token_ids) < r.params.min_tokens]
     repeated = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
     counted = [i for i, r in enumerate(rows)
                if r.params.presence_penalty != 0.0 or r.params.frequency_penalty != 0.0]
+    return biased, masked, repeated, counted
+
+
+def penalize_in_place(x: torch.Tensor, rows: Sequence[SamplingRow],
+                      eos_token_ids: frozenset[int]) -> PenaltyUndo | None:
+    """apply_penalties written into x itself; returns what restores x's raw values (None: nothing written).
+    NOTE: the sampler's way: a copy of [B, V] logits a step (B x 196 KB at a 49k vocabulary, fresh pages each
+    time) costs more than the penalties, whose cost scales with the (row, token) pairs they touch."""
+    biased, masked, repeated, counted = _penalty_stages(rows)
     if not (biased or masked or repeated or counted):
-        return logits
-    x = logits.clone(memory_format=torch.contiguous_format)
+        return None
+    vocab_size = x.shape[-1]
+    saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def keep(row_ids: torch.Tensor, token_ids: torch.Tensor) -> None:
+        saved.append((row_ids, token_ids, x[row_ids, token_ids]))
 
     if biased:
         row_ids, token_ids, biases = [], [], []
@@ -77,8 +108,9 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow],
                 token_ids.append(int(token_id))
                 biases.append(bias)
         # NOTE: logit_bias ids are checked against the vocabulary at the API seam; a bad id raises here.
-        x.index_put_((_column(row_ids, x, torch.long), _column(token_ids, x, torch.long)),
-                     _column(biases, x), accumulate=True)
+        row_index, token_index = _column(row_ids, x, torch.long), _column(token_ids, x, torch.long)
+        keep(row_index, token_index)
+        x.index_put_((row_index, token_index), _column(biases, x), accumulate=True)
 
     if masked:
         row_ids, token_ids = [], []
@@ -93,14 +125,17 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow],
             row_ids += [i] * len(banned)
             token_ids += banned
         if row_ids:
-            x[_column(row_ids, x, torch.long), _column(token_ids, x, torch.long)] = _NEG_INF
+            row_index, token_index = _column(row_ids, x, torch.long), _column(token_ids, x, torch.long)
+            keep(row_index, token_index)
+            x[row_index, token_index] = _NEG_INF
 
     if repeated:
         # HF semantics over prompt + output ids, each distinct id once: positive logits shrink by /p,
         # negative ones by *p
         rows_, ids, _ = _unique_pairs(rows, repeated, x, with_prompt=True)
         penalty = _column([r.params.repetition_penalty for r in rows], x)[rows_]
-        values = x[rows_, ids]
+        keep(rows_, ids)
+        values = saved[-1][2]
         x[rows_, ids] = torch.where(values > 0, values / penalty, values * penalty)
 
     if counted:
@@ -108,8 +143,9 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow],
         rows_, ids, counts = _unique_pairs(rows, counted, x, with_prompt=False)
         presence = _column([r.params.presence_penalty for r in rows], x)[rows_]
         frequency = _column([r.params.frequency_penalty for r in rows], x)[rows_]
-        x[rows_, ids] -= counts.to(x.dtype) * frequency + presence
-    return x
+        keep(rows_, ids)
+        x[rows_, ids] = saved[-1][2] - (counts.to(x.dtype) * frequency + presence)
+    return PenaltyUndo(saved)
 
 
 def _unique_pairs(rows: Sequence[SamplingRow], selected: list[int], x: torch.Tensor, with_prompt: bool):
@@ -255,15 +291,12 @@ class Sampler:
             self._generators[device] = generator
         return self._generators[device]
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow],
-                 eos_token_ids: frozenset[int]) -> SamplerOutput:
-        assert logits.dim() == 2 and logits.shape[0] == len(rows), (tuple(logits.shape), len(rows))
-        assert logits.dtype == torch.float32, logits.dtype
-        x = apply_penalties(logits, rows, eos_token_ids)
+    def _choose(self, x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """[B] token ids from penalized logits: argmax for greedy rows, filtered sampling for the others."""
         sampled = [i for i, r in enumerate(rows) if not r.params.is_greedy]
-        token_ids = x.max(dim=-1).indices if len(sampled) < len(rows) else None
+        token_ids = x.argmax(dim=-1) if len(sampled) < len(rows) else None
         if sampled:
-            shared = self._shared_generator(logits.device)
+            shared = self._shared_generator(x.device)
             # split by path; each row's path depends on its own params only, keeping seeded rows
             # reproducible whatever their batch mates
             limit = min(TOPK_CANDIDATE_LIMIT, x.shape[-1] - 1)
@@ -280,6 +313,20 @@ class Sampler:
                 if token_ids is None:
                     token_ids = torch.empty(len(rows), dtype=torch.long, device=x.device)
                 token_ids.index_copy_(0, index, chosen)
+        return token_ids
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow],
+                 eos_token_ids: frozenset[int]) -> SamplerOutput:
+        assert logits.dim() == 2 and logits.shape[0] == len(rows), (tuple(logits.shape), len(rows))
+        assert logits.dtype == torch.float32, logits.dtype
+        # penalties go into the logits themselves and come off again before the logprobs, which are of the raw
+        # distribution (exactly: the overwritten values are put back)
+        undo = penalize_in_place(logits, rows, eos_token_ids)
+        try:
+            token_ids = self._choose(logits, rows)
+        finally:
+            if undo is not None:
+                undo.restore(logits)
 
         if not any(r.params.needs_token_logprobs for r in rows):
             # nobody reads them (no logprobs asked, no best_of to rank): skip the [B, V] logsumexp

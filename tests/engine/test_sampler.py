@@ -288,6 +288,24 @@ def test_logprobs_are_raw_log_softmax():
     assert Sampler()(torch.from_numpy(logits), [SamplingRow(SamplingParams(), [], [])] * 4, EOS).top_logprobs is None
 
 
+def test_sampler_puts_the_raw_logits_back_exactly():
+    """The sampler writes penalties into the step's logits and restores them: afterwards they are the raw values
+    bit for bit, even where stages overlap on one (row, token) pair (bias, repetition, presence and the EOS mask
+    all on token 2 here), and the greedy choice is the argmax of apply_penalties' copy."""
+    logits = torch.from_numpy(np.random.default_rng(10).normal(size=(3, 40)).astype(np.float32) * 3)
+    raw = logits.clone()
+    overlap = SamplingParams(temperature=0.0, logit_bias={2: 9.0, 3: 1.0}, repetition_penalty=1.3,
+                             presence_penalty=0.5, frequency_penalty=0.25, min_tokens=8, stop_token_ids=[3])
+    rows = [SamplingRow(overlap, [2, 3, 7], [2, 2, 9]),
+            SamplingRow(SamplingParams(temperature=0.0, ignore_eos=True), [], [1]),
+            SamplingRow(SamplingParams(temperature=0.8, top_k=4, repetition_penalty=0.7), [5], [6])]
+    out = Sampler(seed=5)(logits, rows, EOS)
+    assert torch.equal(logits, raw)
+    penalized = apply_penalties(raw, rows, EOS)
+    assert out.token_ids[:2] == penalized[:2].argmax(dim=-1).tolist()
+    assert out.token_ids[0] not in (2, 3, 5)   # masked until min_tokens, whatever the bias
+
+
 def test_token_logprobs_only_when_someone_reads_them():
     """No row asks for logprobs and none ranks best_of samples: the sampler skips the logsumexp (NaN logprobs),
     and chooses the same tokens; one best_of row is enough to compute them for all."""
