@@ -71,6 +71,7 @@ def bind(path: Path) -> ctypes.CDLL:
         "llm_int8_matmul": [p, i64, i64, p, p, p, i64, i64, i64, i64, i64, p],
         "llm_quantize_activations": [p, i64, i64, i64, p, p, p],
         "llm_paged_decode_attention": [p, p, p, p, i64, p, i64, i64, i64, i64, i64, f32, i64, p],
+        "llm_paged_prefill_attention": [p, p, p, p, i64, p, p, i64, i64, i64, i64, i64, f32, i64, p],
         "llm_float_to_half": [p, i64, p],
         "llm_store_kv": [p, i64, p, i64, i64, i64, p, p, p, i64],
         "llm_rms_norm": [p, p, p, f32, i64, i64, p, p],

@@ -1051,6 +1051,133 @@ void llm_paged_decode_attention(const float *q, const void *k_cache, const void 
     }
 }
 
+/* ---- Prefill: a sequence's new tokens against its paged K/V, the same bits as a decode step a token ----
+ * (the twin: reference.paged_prefill_attention). Token i of a sequence with q_len new tokens and context_len in
+ * all attends to context_len - q_len + i + 1 keys. What differs from a decode row per token is only how a score is
+ * summed: a task (sequence, KV head, PREFILL_QUERIES new tokens) first lays its keys out transposed in panels of
+ * 16 (kt[panel][dim][16], widened from float16 once), so one vector holds one dimension of 16 keys, and a score
+ * needs no horizontal sum per key: lane j of the decode kernel's FMA chain (dims j, j + 16, ...) becomes
+ * accumulator j of 16 keys, and the same tree of adds across lanes as v_hsum (score_tree) ends it, then the same
+ * tail and scale. Softmax and the weighted V sum are the decode kernel's own functions. */
+#define PREFILL_QUERIES 16   /* new tokens a task: a sequence's long prompt still splits across the threads */
+
+/* the cross-lane sum of v_hsum over acc[0..15] (each 16 keys wide): lanes j and j + 8, then + 4, + 2, + 1 in the
+   SIMD builds (_mm512_reduce_add_ps and the AVX2 form share this tree); in lane order in the plain one */
+static inline vec16 score_tree(vec16 *acc) {
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+    for (int j = 0; j < 8; j++) acc[j] = v_add(acc[j], acc[j + 8]);
+    for (int j = 0; j < 4; j++) acc[j] = v_add(acc[j], acc[j + 4]);
+    for (int j = 0; j < 2; j++) acc[j] = v_add(acc[j], acc[j + 2]);
+    return v_add(acc[0], acc[1]);
+#else
+    vec16 s = v_zero();
+    for (int j = 0; j < TILE; j++) s = v_add(s, acc[j]);
+    return s;
+#endif
+}
+
+/* scores[t] = (q . K_t) * scale for the keys of panels [0, panels): attn_scores' value for each, bit for bit */
+static void prefill_scores(const float *qg, const float *kt, int64_t panels, int64_t D, float scale, float *scores) {
+    const int64_t full = D / TILE * TILE;
+    for (int64_t p = 0; p < panels; p++) {
+        const float *kp = kt + p * D * TILE;
+        vec16 acc[TILE];
+        for (int j = 0; j < TILE; j++) acc[j] = v_zero();
+        for (int64_t c = 0; c < full; c += TILE)
+            for (int j = 0; j < TILE; j++) acc[j] = v_fma(v_set1(qg[c + j]), v_load(kp + (c + j) * TILE), acc[j]);
+        vec16 dot = score_tree(acc);
+        for (int64_t c = full; c < D; c++) dot = v_add(dot, v_mul(v_set1(qg[c]), v_load(kp + c * TILE)));
+        v_store(scores + p * TILE, v_mul(dot, v_set1(scale)));
+    }
+}
+
+/* attn_values for NG heads, NG a compile-time count in each branch */
+ALWAYS_INLINE void attn_values_n(const float *scores, const void *v_cache, const int64_t *rows, int64_t ctx,
+                                 int64_t padded, int NG, int64_t D, float *ob, const int half) {
+    switch (NG) {
+        case 1: attn_values(scores, v_cache, rows, ctx, padded, 1, D, ob, half); break;
+        case 2: attn_values(scores, v_cache, rows, ctx, padded, 2, D, ob, half); break;
+        case 3: attn_values(scores, v_cache, rows, ctx, padded, 3, D, ob, half); break;
+        case 4: attn_values(scores, v_cache, rows, ctx, padded, 4, D, ob, half); break;
+        case 5: attn_values(scores, v_cache, rows, ctx, padded, 5, D, ob, half); break;
+        case 6: attn_values(scores, v_cache, rows, ctx, padded, 6, D, ob, half); break;
+        case 7: attn_values(scores, v_cache, rows, ctx, padded, 7, D, ob, half); break;
+        default: attn_values(scores, v_cache, rows, ctx, padded, ATTN_MAX_GROUP, D, ob, half); break;
+    }
+}
+
+/* the keys of rows[0, ctx) into transposed panels kt[panel][dim][16] (widened from float16 16 at a time); keys past
+   ctx up to the last panel's end are 0 */
+ALWAYS_INLINE void transpose_keys(const void *k_cache, const int64_t *rows, int64_t ctx, int64_t panels, int64_t D,
+                                  float *kt, const int half) {
+    for (int64_t t = 0; t < panels * TILE; t++) {
+        float *col = kt + (t / TILE) * D * TILE + t % TILE;
+        int64_t c = 0;
+        if (t < ctx) {
+            for (; c + TILE <= D; c += TILE) {
+                float dims[TILE];
+                v_store(dims, kv_load(k_cache, rows[t] + c, half));
+                for (int j = 0; j < TILE; j++) col[(c + j) * TILE] = dims[j];
+            }
+            for (; c < D; c++) col[c * TILE] = kv_value(k_cache, rows[t] + c, half);
+        }
+        for (; c < D; c++) col[c * TILE] = 0.0f;
+    }
+}
+
+void llm_paged_prefill_attention(const float *q, const void *k_cache, const void *v_cache,
+                                 const int64_t *block_tables, int64_t table_width, const int64_t *cu_seqlens,
+                                 const int64_t *context_lens, int64_t S, int64_t H, int64_t KVH, int64_t D,
+                                 int64_t block_size, float scale, int64_t kv_half, float *out) {
+    const int64_t group = H / KVH;
+    int64_t tasks_per_head = 0;   /* tasks: (sequence, KV head, query chunk), numbered sequence by sequence */
+    for (int64_t s = 0; s < S; s++)
+        tasks_per_head += (cu_seqlens[s + 1] - cu_seqlens[s] + PREFILL_QUERIES - 1) / PREFILL_QUERIES;
+    #pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks_per_head * KVH; task++) {
+        const int64_t kh = task % KVH;
+        int64_t s = 0, chunk = task / KVH;
+        for (;; s++) {   /* the task's sequence and its chunk there */
+            const int64_t n = (cu_seqlens[s + 1] - cu_seqlens[s] + PREFILL_QUERIES - 1) / PREFILL_QUERIES;
+            if (chunk < n) break;
+            chunk -= n;
+        }
+        const int64_t q_len = cu_seqlens[s + 1] - cu_seqlens[s], first = chunk * PREFILL_QUERIES;
+        const int64_t last = first + PREFILL_QUERIES < q_len ? first + PREFILL_QUERIES : q_len;
+        const int64_t start = context_lens[s] - q_len;         /* keys before the new tokens */
+        const int64_t ctx_max = start + last, panels_max = (ctx_max + TILE - 1) / TILE;
+        const int64_t *table = block_tables + s * table_width;
+        int64_t *rows = malloc(sizeof(int64_t) * (size_t)ctx_max);
+        float *kt = malloc(sizeof(float) * (size_t)(panels_max * D * TILE));
+        float *scores = malloc(sizeof(float) * (size_t)(panels_max * TILE * group));
+        for (int64_t t = 0; t < ctx_max; t++)   /* token -> row offset, as decode_attention_head */
+            rows[t] = ((table[t / block_size] * block_size + t % block_size) * KVH + kh) * D;
+        if (kv_half) transpose_keys(k_cache, rows, ctx_max, panels_max, D, kt, 1);
+        else transpose_keys(k_cache, rows, ctx_max, panels_max, D, kt, 0);
+        for (int64_t i = first; i < last; i++) {
+            const int64_t ctx = start + i + 1, panels = (ctx + TILE - 1) / TILE, padded = panels * TILE;
+            const int64_t tok = cu_seqlens[s] + i;
+            const float *qb = q + (tok * H + kh * group) * D;
+            float *ob = out + (tok * H + kh * group) * D;
+            for (int64_t g = 0; g < group; g++) prefill_scores(qb + g * D, kt, panels, D, scale, scores + g * padded);
+            if (group <= ATTN_MAX_GROUP) {   /* decode_attention_head's split: its heads together, else one by one */
+                softmax_rows(scores, ctx, padded, group);
+                if (kv_half) attn_values_n(scores, v_cache, rows, ctx, padded, (int)group, D, ob, 1);
+                else attn_values_n(scores, v_cache, rows, ctx, padded, (int)group, D, ob, 0);
+            } else {
+                for (int64_t g = 0; g < group; g++) {
+                    softmax_rows(scores + g * padded, ctx, padded, 1);
+                    if (kv_half) attn_values(scores + g * padded, v_cache, rows, ctx, padded, 1, D, ob + g * D, 1);
+                    else attn_values(scores + g * padded, v_cache, rows, ctx, padded, 1, D, ob + g * D, 0);
+                }
+            }
+        }
+        free(scores);
+        free(kt);
+        free(rows);
+    }
+}
+
 /* RMSNorm with an optional residual add (the twin: reference.rms_norm, float32):
    if residual: x += residual, residual_out = x; out = x * rsqrt(mean(x^2) + eps) * weight.
    x, out, residual_out: [T, N] rows; residual may be NULL. The sum of squares in 16 lanes (then across

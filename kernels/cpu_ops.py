@@ -2,10 +2,10 @@
 place of those whose torch form costs more in per-op overhead than in arithmetic at decode batch
 sizes: paged decode attention (a gather of every sequence's K/V and a padded SDPA per layer), RMSNorm,
 rotary embedding, SiLU-and-mul (several small ops each, per layer) and the K/V store (an index_copy with a
-float16 cast, per layer). Prefill attention runs the decode kernel once per new token (its causal context
-as that token's context length): a token's attention output is then the same bits whether it was computed
-in a prompt chunk, as a decode step, or again after a preemption, so greedy output does not depend on how
-the scheduler cut the work.
+float16 cast, per layer). Prefill attention sums each score as the decode kernel does (a token's causal
+context as its context length), over keys laid out 16 to a vector: a token's attention output is then the
+same bits whether it was computed in a prompt chunk, as a decode step, or again after a preemption, so greedy
+output does not depend on how the scheduler cut the work.
 Same names and signatures as reference; float32 activations, K/V caches float32 or float16 (other dtypes and
 layouts take the twins)."""
 from __future__ import annotations
@@ -94,19 +94,24 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             block_tables: torch.Tensor, scale: float,
                             max_query_len: int | None = None,
                             max_context_len: int | None = None) -> torch.Tensor:
-    """reference.paged_prefill_attention's contract, as one decode row per new token: token i of a
-    sequence with q_len new tokens and context_len in all attends to context_len - q_len + i + 1 keys."""
+    """reference.paged_prefill_attention's contract: token i of a sequence with q_len new tokens and context_len in
+    all attends to context_len - q_len + i + 1 keys, each token's output the bits its own decode step gives."""
     lib = _library()
     if lib is None or q.dtype != torch.float32 or not reads_kv(k_cache, v_cache) or q.shape[0] == 0:
         return reference.paged_prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables,
                                                  scale, max_query_len, max_context_len)
-    cu = cu_seqlens_q.to(torch.int64)
-    q_lens = cu[1:] - cu[:-1]
-    rows = torch.repeat_interleave(torch.arange(q_lens.shape[0]), q_lens, output_size=q.shape[0])
-    # each token's offset within its sequence's new tokens, then its own causal context length
-    within = torch.arange(q.shape[0]) - cu[:-1][rows]
-    lens = (context_lens.to(torch.int64) - q_lens)[rows] + within + 1
-    return paged_decode_attention(q, k_cache, v_cache, block_tables[rows], lens, scale)
+    s = context_lens.shape[0]
+    _, block_size, num_kv_heads, d = k_cache.shape
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    q = q.contiguous()
+    cu = cu_seqlens_q.to(torch.int64).contiguous()
+    lens = context_lens.to(torch.int64).contiguous()
+    tables = block_tables.to(torch.int64).contiguous()
+    out = torch.empty_like(q)
+    lib.llm_paged_prefill_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
+                                    tables.shape[1], cu.data_ptr(), lens.data_ptr(), s, q.shape[1], num_kv_heads, d,
+                                    block_size, scale, _kv_half(k_cache), out.data_ptr())
+    return out
 
 
 def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,

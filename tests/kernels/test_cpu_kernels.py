@@ -300,6 +300,32 @@ def test_paged_prefill_attention_matches_twin_and_each_token_as_a_decode_row(
             assert torch.equal(got[row:row + 1], alone), (b, i)
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16], ids=["f32-kv", "f16-kv"])
+@pytest.mark.parametrize("heads, kv_heads, d, bs", [(9, 3, 64, 16), (4, 4, 80, 8), (3, 1, 24, 16), (10, 1, 16, 16)])
+def test_prefill_kernel_gives_each_token_its_decode_bits(lib: ctypes.CDLL, heads: int, kv_heads: int, d: int,
+                                                         bs: int, kv_dtype: torch.dtype) -> None:
+    """llm_paged_prefill_attention in every SIMD build: each new token's output equal, bit for bit, to the same
+    build's decode kernel run for that token alone; prompts longer than a task's 16 tokens, odd contexts before
+    them, head dims with a tail past the vectors, and a group past the decode kernel's 8 heads in registers."""
+    gen = torch.Generator().manual_seed(heads * d + bs + 1)
+    num_blocks, q_lens, lens = 90, [1, 7, 37, 2, 16], [1, 19, 3 * bs + 40, 2, 33]
+    k_cache, v_cache = (torch.randn(num_blocks, bs, kv_heads, d, generator=gen).to(kv_dtype) for _ in range(2))
+    width = max((n + bs - 1) // bs for n in lens) + 1
+    tables = torch.randperm(num_blocks, generator=gen)[: len(lens) * width].view(len(lens), width)
+    q = torch.randn(sum(q_lens), heads, d, generator=gen)
+    cu = torch.tensor([0] + q_lens).cumsum(0)
+    out, lens_t = torch.empty_like(q), torch.tensor(lens)
+    lib.llm_paged_prefill_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), width,
+                                    cu.data_ptr(), lens_t.data_ptr(), len(lens), heads, kv_heads, d, bs,
+                                    d ** -0.5, int(kv_dtype == torch.float16), out.data_ptr())
+    rows = [b for b, n in enumerate(q_lens) for _ in range(n)]
+    own_lens = torch.tensor([lens[b] - q_lens[b] + i + 1 for b, n in enumerate(q_lens) for i in range(n)])
+    alone = call_decode_attention(lib, q, k_cache, v_cache, tables[rows].contiguous(), own_lens, d ** -0.5)
+    assert torch.equal(out, alone)
+    want = reference.paged_prefill_attention(q, k_cache, v_cache, cu, lens_t, tables, d ** -0.5)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
 def test_float_to_half_rounds_as_torch(lib: ctypes.CDLL) -> None:
     """The fused decode stack's K/V store into a float16 cache: the bits of torch's .to(torch.float16) on the
     Python path, ties, subnormals, overflow and signed zeros included."""
