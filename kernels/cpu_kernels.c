@@ -767,15 +767,9 @@ ALWAYS_INLINE void q4i_rows(const int8_t *q, const float *d, const float *dq, co
             for (int r = 0; r < R; r++)
                 s[r] = p_dot4_u_at(p_dot4_u_at(s[r], lo, qg + r * 32 + 8 * c), hi, qg + r * 32 + 8 * c + 4);
         }
-        const vec16 sc = v_load_scales(scale, half, g);
-        if (zero) {
-            const vec16 zp = v_load_scales(zero, half, g);
-            for (int r = 0; r < R; r++)
-                acc[r] = int_group_step(acc[r], p_total(s[r], start[m + r]), sc, &zp, d[m + r], dq[m + r]);
-        } else {
-            for (int r = 0; r < R; r++)
-                acc[r] = int_group_step(acc[r], p_total(s[r], start[m + r]), sc, NULL, d[m + r], dq[m + r]);
-        }
+        const vec16 sc = v_load_scales(scale, half, g), zp = zero ? v_load_scales(zero, half, g) : v_zero();
+        for (int r = 0; r < R; r++)
+            acc[r] = int_group_step(acc[r], p_total(s[r], start[m + r]), sc, zero ? &zp : NULL, d[m + r], dq[m + r]);
     }
     for (int r = 0; r < R; r++) store_tile(out + r * N, acc[r], n_valid);
 }
@@ -998,6 +992,12 @@ ALWAYS_INLINE void attn_heads(const float *qb, const void *k_cache, const void *
     attn_values(scores, v_cache, rows, ctx, padded, NG, D, ob, half);
 }
 
+/* a sequence's tokens [0, ctx) -> the offsets of their KV head kh's rows in the paged cache */
+static void token_rows(const int64_t *table, int64_t ctx, int64_t block_size, int64_t KVH, int64_t kh, int64_t D,
+                       int64_t *rows) {
+    for (int64_t t = 0; t < ctx; t++) rows[t] = ((table[t / block_size] * block_size + t % block_size) * KVH + kh) * D;
+}
+
 ALWAYS_INLINE void decode_attention_head(const float *qb, const void *k_cache, const void *v_cache,
                                          const int64_t *table, int64_t ctx, int64_t group, int64_t KVH, int64_t kh,
                                          int64_t D, int64_t block_size, float scale, float *ob, const int half) {
@@ -1007,8 +1007,7 @@ ALWAYS_INLINE void decode_attention_head(const float *qb, const void *k_cache, c
     const int on_stack = n_scores <= ATTN_STACK_FLOATS && ctx <= ATTN_STACK_FLOATS / 2;
     float *scores = on_stack ? stack_scores : malloc(sizeof(float) * (size_t)n_scores);
     int64_t *rows = on_stack ? stack_rows : malloc(sizeof(int64_t) * (size_t)(ctx > 0 ? ctx : 1));
-    for (int64_t t = 0; t < ctx; t++)   /* token -> row offset */
-        rows[t] = ((table[t / block_size] * block_size + t % block_size) * KVH + kh) * D;
+    token_rows(table, ctx, block_size, KVH, kh, D, rows);
 #define ATTN_HEADS(ng) \
     attn_heads(qb, k_cache, v_cache, rows, ctx, padded, ng, D, scale, scores, ob, half, kh * D, KVH * D)
     switch (group) {
@@ -1125,11 +1124,42 @@ ALWAYS_INLINE void transpose_keys(const void *k_cache, const int64_t *rows, int6
     }
 }
 
+/* one task of llm_paged_prefill_attention: new tokens [first, last) of sequence s, KV head kh */
+ALWAYS_INLINE void prefill_task(const float *q, const void *k_cache, const void *v_cache, const int64_t *table,
+                                int64_t q_start, int64_t q_len, int64_t context_len, int64_t first, int64_t last,
+                                int64_t H, int64_t KVH, int64_t kh, int64_t D, int64_t block_size, float scale,
+                                float *out, const int half) {
+    const int64_t group = H / KVH, start = context_len - q_len;   /* start: keys before the new tokens */
+    const int64_t ctx_max = start + last, panels_max = (ctx_max + TILE - 1) / TILE;
+    int64_t *rows = malloc(sizeof(int64_t) * (size_t)ctx_max);
+    float *kt = malloc(sizeof(float) * (size_t)(panels_max * D * TILE));
+    float *scores = malloc(sizeof(float) * (size_t)(panels_max * TILE * group));
+    token_rows(table, ctx_max, block_size, KVH, kh, D, rows);
+    transpose_keys(k_cache, rows, ctx_max, panels_max, D, kt, half);
+    for (int64_t i = first; i < last; i++) {
+        const int64_t ctx = start + i + 1, panels = (ctx + TILE - 1) / TILE, padded = panels * TILE;
+        const float *qb = q + ((q_start + i) * H + kh * group) * D;
+        float *ob = out + ((q_start + i) * H + kh * group) * D;
+        for (int64_t g = 0; g < group; g++) prefill_scores(qb + g * D, kt, panels, D, scale, scores + g * padded);
+        if (group <= ATTN_MAX_GROUP) {   /* decode_attention_head's split: its heads together, else one by one */
+            softmax_rows(scores, ctx, padded, group);
+            attn_values_n(scores, v_cache, rows, ctx, padded, (int)group, D, ob, half);
+        } else {
+            for (int64_t g = 0; g < group; g++) {
+                softmax_rows(scores + g * padded, ctx, padded, 1);
+                attn_values(scores + g * padded, v_cache, rows, ctx, padded, 1, D, ob + g * D, half);
+            }
+        }
+    }
+    free(scores);
+    free(kt);
+    free(rows);
+}
+
 void llm_paged_prefill_attention(const float *q, const void *k_cache, const void *v_cache,
                                  const int64_t *block_tables, int64_t table_width, const int64_t *cu_seqlens,
                                  const int64_t *context_lens, int64_t S, int64_t H, int64_t KVH, int64_t D,
                                  int64_t block_size, float scale, int64_t kv_half, float *out) {
-    const int64_t group = H / KVH;
     int64_t tasks_per_head = 0;   /* tasks: (sequence, KV head, query chunk), numbered sequence by sequence */
     for (int64_t s = 0; s < S; s++)
         tasks_per_head += (cu_seqlens[s + 1] - cu_seqlens[s] + PREFILL_QUERIES - 1) / PREFILL_QUERIES;
@@ -1144,37 +1174,13 @@ void llm_paged_prefill_attention(const float *q, const void *k_cache, const void
         }
         const int64_t q_len = cu_seqlens[s + 1] - cu_seqlens[s], first = chunk * PREFILL_QUERIES;
         const int64_t last = first + PREFILL_QUERIES < q_len ? first + PREFILL_QUERIES : q_len;
-        const int64_t start = context_lens[s] - q_len;         /* keys before the new tokens */
-        const int64_t ctx_max = start + last, panels_max = (ctx_max + TILE - 1) / TILE;
         const int64_t *table = block_tables + s * table_width;
-        int64_t *rows = malloc(sizeof(int64_t) * (size_t)ctx_max);
-        float *kt = malloc(sizeof(float) * (size_t)(panels_max * D * TILE));
-        float *scores = malloc(sizeof(float) * (size_t)(panels_max * TILE * group));
-        for (int64_t t = 0; t < ctx_max; t++)   /* token -> row offset, as decode_attention_head */
-            rows[t] = ((table[t / block_size] * block_size + t % block_size) * KVH + kh) * D;
-        if (kv_half) transpose_keys(k_cache, rows, ctx_max, panels_max, D, kt, 1);
-        else transpose_keys(k_cache, rows, ctx_max, panels_max, D, kt, 0);
-        for (int64_t i = first; i < last; i++) {
-            const int64_t ctx = start + i + 1, panels = (ctx + TILE - 1) / TILE, padded = panels * TILE;
-            const int64_t tok = cu_seqlens[s] + i;
-            const float *qb = q + (tok * H + kh * group) * D;
-            float *ob = out + (tok * H + kh * group) * D;
-            for (int64_t g = 0; g < group; g++) prefill_scores(qb + g * D, kt, panels, D, scale, scores + g * padded);
-            if (group <= ATTN_MAX_GROUP) {   /* decode_attention_head's split: its heads together, else one by one */
-                softmax_rows(scores, ctx, padded, group);
-                if (kv_half) attn_values_n(scores, v_cache, rows, ctx, padded, (int)group, D, ob, 1);
-                else attn_values_n(scores, v_cache, rows, ctx, padded, (int)group, D, ob, 0);
-            } else {
-                for (int64_t g = 0; g < group; g++) {
-                    softmax_rows(scores + g * padded, ctx, padded, 1);
-                    if (kv_half) attn_values(scores + g * padded, v_cache, rows, ctx, padded, 1, D, ob + g * D, 1);
-                    else attn_values(scores + g * padded, v_cache, rows, ctx, padded, 1, D, ob + g * D, 0);
-                }
-            }
-        }
-        free(scores);
-        free(kt);
-        free(rows);
+        if (kv_half)
+            prefill_task(q, k_cache, v_cache, table, cu_seqlens[s], q_len, context_lens[s], first, last, H, KVH, kh,
+                         D, block_size, scale, out, 1);
+        else
+            prefill_task(q, k_cache, v_cache, table, cu_seqlens[s], q_len, context_lens[s], first, last, H, KVH, kh,
+                         D, block_size, scale, out, 0);
     }
 }
 
