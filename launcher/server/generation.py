@@ -131,15 +131,25 @@ async def _deadline(items: AsyncIterator, timeout_s: float | None) -> AsyncItera
             async for item in items:
                 yield item
             return
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
+        deadline = asyncio.get_running_loop().time() + timeout_s
         while True:
             try:
-                # NOTE: on timeout wait_for cancels the pending __anext__, which aborts the engine request.
-                item = await asyncio.wait_for(anext(items), max(0.0, deadline - loop.time()))
+                # NOTE: on timeout the pending __anext__ is cancelled, which aborts the engine request.
+                item = await _next_by(items, deadline)
             except StopAsyncIteration:
                 return
             yield item
+
+
+if hasattr(asyncio, "timeout_at"):   # Python 3.11+
+    async def _next_by(items: AsyncIterator, deadline: float):
+        # NOTE: not wait_for, which loses a cancel that lands as the item arrives (3.11: bpo-42130): a cancelled
+        # background response then ran to its end, and its cancel call waited for it
+        async with asyncio.timeout_at(deadline):
+            return await anext(items)
+else:   # 3.10 has no asyncio.timeout; its wait_for has the race above
+    async def _next_by(items: AsyncIterator, deadline: float):
+        return await asyncio.wait_for(anext(items), max(0.0, deadline - asyncio.get_running_loop().time()))
 
 
 async def _interleave(streams: list[AsyncIterator[TokenOutput]]) -> AsyncIterator[TokenOutput]:
