@@ -83,6 +83,8 @@ def bind(path: Path) -> ctypes.CDLL:
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, None
+    lib.llm_packed_rows.argtypes = [p, p, p, i64, i64, i64, i64, i64, i64, i64, p, i64, p]
+    lib.llm_packed_rows.restype = i64
     lib.llm_decode_stack_scratch_floats.argtypes = [i64] * 7
     lib.llm_decode_stack_scratch_floats.restype = i64
     return lib

@@ -14,6 +14,7 @@
  * computed in the same order whatever M is, so a sequence gets the same numbers alone or batched.
  * 1a'. From DEC_MIN_ROWS rows (prefill), the same products with each tile's weights decoded once to floats.
  * 1b. The same products with activations quantized to int8 per group and integer dot products (section 1b).
+ * 1c. Rows of a packed weight as float32: the token embedding looked up in its packed table.
  * 2. Paged decode attention and RMSNorm (twins in kernels/reference.py), which in torch cost more in
  *    per-op overhead and gathers than in arithmetic at decode batch sizes.
  * Compiled with -march=native; each kernel has AVX-512, AVX2 and plain C paths (the vec16 helpers).
@@ -837,6 +838,62 @@ void llm_int8_matmul(const float *x, int64_t M, int64_t K, const void *w, const 
         }
     }
     act_blocks_free(&a);
+}
+
+/* ---- 1c. Rows of a packed weight as float32 (twin: kernels/packed_rows.packed_rows) ----------------------
+   The token embedding read from the packed table: for each id, every value is q * scale, then + zero (or, for
+   pack_int8's zero-less 4-bit weights, + scale * -offset), each rounded apart as the twin's multiply and add
+   (the build's -ffp-contract=off keeps them unfused). A handful of rows a step: plain scalar code. */
+static inline float scale_at(const void *p, int half, int64_t at) {
+    return half ? half_to_float(((const uint16_t *)p)[at]) : ((const float *)p)[at];
+}
+/* int8_layout: pack_int8's data (q4 [tiles, G, 4, 16, 4], q8 [tiles, G, GS/4, 16, 4]), else pack's
+   (q4 [tiles, G, 16, 16], q8 [tiles, G, GS, 16]); scale and zero [tiles, G, 16]. ids [B] -> out [B, K].
+   Returns how many ids were outside [0, N) (their rows are left unwritten): the caller raises. */
+int64_t llm_packed_rows(const void *w, const void *scale, const void *zero, int64_t half_scales, int64_t bits,
+                        int64_t GS, int64_t offset, int64_t int8_layout, int64_t N, int64_t K, const int64_t *ids,
+                        int64_t B, float *out) {
+    const int64_t G = K / GS;
+    const int half = half_scales != 0;
+    int64_t bad = 0;
+    for (int64_t r = 0; r < B; r++) {
+        if (ids[r] < 0 || ids[r] >= N) { bad++; continue; }
+        const int64_t t = ids[r] / TILE, lane = ids[r] % TILE;
+        for (int64_t g = 0; g < G; g++) {
+            const int64_t at = (t * G + g) * TILE + lane, block = t * G + g;
+            const float sc = scale_at(scale, half, at);
+            const int add = zero != NULL || offset != 0;
+            const float z = zero ? scale_at(zero, half, at) : sc * -(float)offset;
+            float *o = out + r * K + g * GS;
+            float q[32];
+            if (bits == 4 && int8_layout) {          /* byte [c, b]: inputs 8c+b (low nibble), 8c+4+b (high) */
+                const uint8_t *p = (const uint8_t *)w + block * 4 * TILE * 4 + lane * 4;
+                for (int c = 0; c < 4; c++)
+                    for (int b = 0; b < 4; b++) {
+                        const uint8_t v = p[c * TILE * 4 + b];
+                        q[8 * c + b] = (float)(v & 15), q[8 * c + 4 + b] = (float)(v >> 4);
+                    }
+            } else if (bits == 4) {                  /* byte k: inputs 2k (low nibble), 2k+1 (high) */
+                const uint8_t *p = (const uint8_t *)w + block * 16 * TILE + lane;
+                for (int k = 0; k < 16; k++) {
+                    const uint8_t v = p[k * TILE];
+                    q[2 * k] = (float)(v & 15), q[2 * k + 1] = (float)(v >> 4);
+                }
+            } else if (int8_layout) {                /* [c, b]: input 4c+b */
+                const int8_t *p = (const int8_t *)w + block * GS * TILE + lane * 4;
+                for (int64_t c = 0; c < GS / 4; c++)
+                    for (int b = 0; b < 4; b++) q[4 * c + b] = (float)p[c * TILE * 4 + b];
+            } else {
+                const int8_t *p = (const int8_t *)w + block * GS * TILE + lane;
+                for (int64_t k = 0; k < GS; k++) q[k] = (float)p[k * TILE];
+            }
+            for (int64_t k = 0; k < GS; k++) {
+                const float v = q[k] * sc;
+                o[k] = add ? v + z : v;
+            }
+        }
+    }
+    return bad;
 }
 
 /* K/V rows as float32, or as float16 (kv_half): a float16 cache holds twice the tokens in the same memory, as

@@ -11,6 +11,7 @@ from kernels import cpu_build, reference
 from kernels.cpu_quant import (QuantizedTensor, pack, pack_int8, quant_matmul, quant_matmul_int8_twin,
                                 quant_matmul_twin, quantize_activations, quantize_activations_c, to_int8_layout,
                                 unpack)
+from kernels.packed_rows import packed_rows, packed_rows_twin
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                                 reason="no C compiler")
@@ -456,3 +457,22 @@ def test_cpu_ops_store_kv_takes_the_kernel_or_the_twin() -> None:
         cpu_ops.store_kv(k, v, *ours, slots)
         reference.store_kv(k, v, *twin, slots)
         assert torch.equal(ours[0], twin[0]) and torch.equal(ours[1], twin[1]), dtype
+
+
+@pytest.mark.parametrize("layout", [pack, pack_int8])
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("n, k", [(37, 96), (5, 32), (200, 160)])
+def test_packed_rows_kernel_equals_its_twin(lib: ctypes.CDLL, layout, kind: str, n: int, k: int) -> None:
+    """llm_packed_rows (the token embedding read from its packed table) in every SIMD build: the twin's rows bit
+    for bit, float32 and float16 scales, repeated and edge ids; an id outside the table raises."""
+    bits, group, with_zero = KINDS[kind]
+    gen = torch.Generator().manual_seed(n * k + bits + 7)
+    for weight in (random_weight(bits, n, k, gen, group, with_zero),
+                   half_scales(random_weight(bits, n, k, gen, group, with_zero))):
+        w = layout(weight)
+        ids = torch.tensor([0, n - 1, 3 % n, 3 % n, n // 2, 1 % n, (7 * n) // 11])
+        assert torch.equal(packed_rows(w, ids, lib), packed_rows_twin(w, ids))
+        assert packed_rows(w, ids[:0], lib).shape == (0, k)
+        for bad in (n, -1):
+            with pytest.raises(IndexError):
+                packed_rows(w, torch.tensor([0, bad]), lib)
