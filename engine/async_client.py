@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -9,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from engine.config import EngineConfig
 from engine.core_process import EngineProcess
 from engine.multimodal import ImageInput
+from engine.pipe_frames import FrameReader
 from engine.messages import (AbortRequests, AddRequest, EmbedOutput, EmbedRequest, EngineFatal, EngineInfo,
                              EngineStats, FromCore, PhaseUpdate, StatsRequest, StepOutputs, StopSample, ToCore,
                              TokenOutput, TranscribeRequest, TranscriptionOutput)
@@ -37,7 +39,7 @@ class AsyncEngineClient(EngineClient):
         self._ready: asyncio.Future[EngineInfo] | None = None
         self._on_phase: Callable[[str], None] | None = None
         self._send_lock = threading.Lock()
-        self._reader: threading.Thread | None = None
+        self._frames: FrameReader | None = None   # set while the event loop waits on the engine's pipe
 
     @property
     def phase(self) -> str:
@@ -57,28 +59,28 @@ class AsyncEngineClient(EngineClient):
         self._ready = self._loop.create_future()
         self._on_phase = on_phase
         self._process.start()
-        self._reader = threading.Thread(target=self._read_loop, name="llm-engine-reader", daemon=True)
-        self._reader.start()
+        # NOTE: the loop itself waits on the pipe (no reader thread): an output reaches its stream with no
+        # hop between threads, no GIL handoff and one wake-up fewer a step, on cores the engine needs.
+        fd = self._process.outputs_fileno()
+        os.set_blocking(fd, False)
+        self._frames = FrameReader(fd)
+        self._loop.add_reader(fd, self._on_readable)
         return await self._ready
 
-    def _read_loop(self) -> None:
-        while True:
-            try:
-                msg = self._process.recv()
-            except (EOFError, OSError):
-                self._notify(self._on_dead)
-                return
-            if not self._notify(self._dispatch, msg):
-                return
-
-    def _notify(self, callback, *args) -> bool:
-        """Hand work to the event loop; False once the loop has closed (the server is shutting down and
-        the engine process's pipe closing with it is expected, not news for anyone)."""
+    def _on_readable(self) -> None:
         try:
-            self._loop.call_soon_threadsafe(callback, *args)
-            return True
-        except RuntimeError:
-            return False
+            messages = self._frames.read()
+        except (EOFError, OSError):
+            self._stop_reading()
+            self._on_dead()
+            return
+        for msg in messages:
+            self._dispatch(msg)
+
+    def _stop_reading(self) -> None:
+        if self._frames is not None:
+            self._loop.remove_reader(self._frames.fd)
+            self._frames = None
 
     def _dispatch(self, msg: FromCore) -> None:
         match msg:
@@ -215,4 +217,6 @@ class AsyncEngineClient(EngineClient):
             return self.latest_stats
 
     async def shutdown(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self._process.shutdown)
+        await asyncio.get_running_loop().run_in_executor(None, self._process.stop)
+        self._stop_reading()   # before the pipe closes: the loop must not wait on a closed descriptor
+        self._process.close()

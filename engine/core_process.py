@@ -228,23 +228,37 @@ class EngineProcess:
             return None
         return self._outputs.recv()
 
+    def outputs_fileno(self) -> int:
+        """The read end of the engine's output pipe (the async client waits on it in its event loop)."""
+        return self._outputs.fileno()
+
     def shutdown(self, timeout: float = 10.0) -> None:
+        self.stop(timeout)
+        self.close()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the process to shut down and wait for it (past timeout: terminate, then kill); the pipes stay
+        open, so what it sends on its way out can still be read."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            self.send(Shutdown())
+        except (BrokenPipeError, OSError):
+            pass
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.terminate()
+            try:
+                self.process.wait(2)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def close(self) -> None:
+        """Close the pipes (after stop)."""
         if self.process is None:
             return
-        if self.process.poll() is None:
-            try:
-                self.send(Shutdown())
-            except (BrokenPipeError, OSError):
-                pass
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.terminate()
-                try:
-                    self.process.wait(2)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait()
         for conn in (self._requests, self._outputs):
             conn.close()
         self.process = None
