@@ -115,13 +115,7 @@ def penalize_in_place(x: torch.Tensor, rows: Sequence[SamplingRow],
     if masked:
         row_ids, token_ids = [], []
         for i in masked:
-            params = rows[i].params
-            banned = set(eos_token_ids) if params.ignore_eos else set()
-            if len(rows[i].output_token_ids) < params.min_tokens:
-                banned |= eos_token_ids
-                banned.update(params.stop_token_ids)
-            # stop ids outside the model's vocabulary can never be sampled: nothing to mask
-            banned = [t for t in banned if 0 <= t < vocab_size]
+            banned = _banned(rows[i], eos_token_ids, vocab_size)
             row_ids += [i] * len(banned)
             token_ids += banned
         if row_ids:
@@ -146,6 +140,37 @@ def penalize_in_place(x: torch.Tensor, rows: Sequence[SamplingRow],
         keep(rows_, ids)
         x[rows_, ids] = saved[-1][2] - (counts.to(x.dtype) * frequency + presence)
     return PenaltyUndo(saved)
+
+
+def _banned(row: SamplingRow, eos_token_ids: frozenset[int], vocab_size: int) -> list[int]:
+    """The ids a row's masks rule out this step: eos under ignore_eos; eos and stop ids before min_tokens."""
+    params = row.params
+    banned = set(eos_token_ids) if params.ignore_eos else set()
+    if len(row.output_token_ids) < params.min_tokens:
+        banned |= eos_token_ids
+        banned.update(params.stop_token_ids)
+    # stop ids outside the model's vocabulary can never be sampled: nothing to mask
+    return [t for t in banned if 0 <= t < vocab_size]
+
+
+def _greedy_past_masks(logits: torch.Tensor, rows: Sequence[SamplingRow],
+                       eos_token_ids: frozenset[int]) -> tuple[torch.Tensor, list[int]] | None:
+    """All rows greedy, masks their only stage: the argmax, where no row's pick is one of its masked ids
+    (then masking could not have changed it: the first maximum stays the first maximum when other entries
+    only go down); None where one is, or another stage applies (the full path then runs).
+    NOTE: the masks are for ignore_eos and min_tokens, which a benchmark sets on every row: writing and
+    restoring them costs ~8 small tensor ops a step, each slow after the step's weights flushed the caches."""
+    if not all(r.params.is_greedy for r in rows):
+        return None
+    biased, masked, repeated, counted = _penalty_stages(rows)
+    if biased or repeated or counted:
+        return None
+    token_ids = logits.argmax(dim=-1)
+    ids = token_ids.tolist()
+    vocab_size = logits.shape[-1]
+    if any(ids[i] in _banned(rows[i], eos_token_ids, vocab_size) for i in masked):
+        return None
+    return token_ids, ids
 
 
 def _unique_pairs(rows: Sequence[SamplingRow], selected: list[int], x: torch.Tensor, with_prompt: bool):
@@ -319,18 +344,23 @@ class Sampler:
                  eos_token_ids: frozenset[int]) -> SamplerOutput:
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (tuple(logits.shape), len(rows))
         assert logits.dtype == torch.float32, logits.dtype
-        # penalties go into the logits themselves and come off again before the logprobs, which are of the raw
-        # distribution (exactly: the overwritten values are put back)
-        undo = penalize_in_place(logits, rows, eos_token_ids)
-        try:
-            token_ids = self._choose(logits, rows)
-        finally:
-            if undo is not None:
-                undo.restore(logits)
+        fast = _greedy_past_masks(logits, rows, eos_token_ids)
+        if fast is not None:
+            token_ids, ids = fast
+        else:
+            # penalties go into the logits themselves and come off again before the logprobs, which are of the
+            # raw distribution (exactly: the overwritten values are put back)
+            undo = penalize_in_place(logits, rows, eos_token_ids)
+            try:
+                token_ids = self._choose(logits, rows)
+            finally:
+                if undo is not None:
+                    undo.restore(logits)
+            ids = None
 
         if not any(r.params.needs_token_logprobs for r in rows):
             # nobody reads them (no logprobs asked, no best_of to rank): skip the [B, V] logsumexp
-            return SamplerOutput(token_ids.tolist(), [math.nan] * len(rows), None)
+            return SamplerOutput(token_ids.tolist() if ids is None else ids, [math.nan] * len(rows), None)
         # logprobs of the raw distribution, as vLLM returns by default
         log_norm = torch.logsumexp(logits, dim=-1)
         chosen_logprobs = logits.gather(1, token_ids[:, None])[:, 0] - log_norm

@@ -405,3 +405,24 @@ def test_cuda_rows_stay_in_the_cpu_support_and_seeds_reproduce():
         assert logprobs[i] == pytest.approx(log_softmax(logits[i])[tokens[i]], abs=1e-4)
     reordered, _ = run([5, 3, 2, 0, 1, 4])
     assert all(reordered[i] == tokens[i] for i in (0, 1, 2, 5))
+
+
+def test_greedy_masked_rows_pick_the_argmax_of_the_masked_logits():
+    """All-greedy batches whose only stage is a mask (ignore_eos, min_tokens) take the argmax straight off
+    the raw logits unless a row's pick is masked; either way every row gets the masked argmax, ties to the
+    first, and the logits are not written."""
+    gen = torch.Generator().manual_seed(3)
+    eos = frozenset({2, 5})
+    for trial in range(20):
+        logits = torch.randn(6, 40, generator=gen)
+        logits[1, 7] = logits[1, 9] = logits[1].max() + 1   # a tie: the first maximum wins
+        if trial % 2:
+            logits[trial % 6, 5] = logits[trial % 6].max() + 2   # an eos id on top: the next best instead
+        params = [SamplingParams(temperature=0.0, ignore_eos=True),
+                  SamplingParams(temperature=0.0, min_tokens=4, stop_token_ids=[11])]
+        rows = [SamplingRow(params[i % 2], [1], [1] * (i % 3)) for i in range(6)]
+        raw = logits.clone()
+        got = Sampler(seed=0)(logits, rows, eos).token_ids
+        assert torch.equal(logits, raw)
+        expected = [int(apply_penalties(raw[i:i + 1], rows[i:i + 1], eos).argmax()) for i in range(6)]
+        assert got == expected and got[1] == 7
