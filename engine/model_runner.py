@@ -135,7 +135,10 @@ class ModelRunner:
         """Run a plan and compute the logits rank 0 samples from."""
         hidden = self.forward(plan)
         dev = self.device
-        logits = self.model.compute_logits(hidden[torch.from_numpy(plan.logits_indices).to(dev)])
+        # every token sampled (a decode-only step): the indices, increasing, one a row, are all of them
+        picked = hidden if len(plan.logits_indices) == hidden.shape[0] else \
+            hidden[torch.from_numpy(plan.logits_indices).to(dev)]
+        logits = self.model.compute_logits(picked)
         prompt_logits = None
         if plan.prompt_logprob_spans:
             prompt_logits = self.model.compute_logits(hidden[torch.from_numpy(plan.prompt_logprob_indices).to(dev)])
