@@ -78,7 +78,7 @@ def bind(path: Path) -> ctypes.CDLL:
         "llm_rotary_embedding": [p, i64, p, i64, p, p, i64, i64, i64, i64, p, p],
         "llm_silu_and_mul": [p, i64, i64, p],
         "llm_decode_stack": [p, i64, i64, i64, i64, i64, i64, i64, f32, f32, p, p, p, p, p, i64, p, p, p, i64, i64,
-                             p, p, p],
+                             p, p, p, p, f32],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)

@@ -74,15 +74,16 @@ int64_t llm_decode_stack_scratch_floats(int64_t B, int64_t hidden, int64_t H, in
    x_in: [B, hidden] embeddings; positions, slot_mapping, context_lens: [B]; block_tables: [B, table_width];
    cos_sin: [max_pos, D]; k_caches[l], v_caches[l]: [num_blocks, block_size, KVH, D], float32 or (kv_half)
    float16 (stored as torch's .to(torch.float16) rounds);
-   scratch: llm_decode_stack_scratch_floats(...) floats; x_out, residual_out: [B, hidden] -- the last layer's
-   output and residual, which the caller's final norm adds. */
+   scratch: llm_decode_stack_scratch_floats(...) floats; x_out, residual_out: [B, hidden] -- with final_norm
+   (the model's last RMSNorm, eps final_eps), its output and the residual sum it normalised, as the layer loop's
+   norm(x, residual) returns them; with NULL, the last layer's output and residual. */
 void llm_decode_stack(const llm_decoder_layer *layers, int64_t L, int64_t B, int64_t hidden, int64_t H,
                       int64_t KVH, int64_t D, int64_t I, float eps, float attn_scale, const float *x_in,
                       const int64_t *positions, const float *cos_sin, const int64_t *slot_mapping,
                       const int64_t *block_tables, int64_t table_width, const int64_t *context_lens,
                       void *const *k_caches, void *const *v_caches, int64_t kv_half, int64_t block_size,
                       float *scratch,
-                      float *x_out, float *residual_out) {
+                      float *x_out, float *residual_out, const float *final_norm, float final_eps) {
     const int64_t q = H * D, kv = KVH * D, qkv_w = q + 2 * kv;
     float *qkv = scratch, *qn = qkv + B * qkv_w, *kn = qn + B * q, *q_rot = kn + B * kv, *k_rot = q_rot + B * q;
     float *attn = k_rot + B * kv, *o = attn + B * q, *xn = o + B * hidden;
@@ -127,7 +128,10 @@ void llm_decode_stack(const llm_decoder_layer *layers, int64_t L, int64_t B, int
         matmul(act, B, &ly->down, x, xsum);
         x_cur = x;
     }
-    memcpy(x_out, x_cur, sizeof(float) * (size_t)(B * hidden));
-    memcpy(residual_out, residual, sizeof(float) * (size_t)(B * hidden));
+    if (final_norm) llm_rms_norm(x_cur, residual, final_norm, final_eps, B, hidden, x_out, residual_out);
+    else {
+        memcpy(x_out, x_cur, sizeof(float) * (size_t)(B * hidden));
+        memcpy(residual_out, residual, sizeof(float) * (size_t)(B * hidden));
+    }
 #undef NEXT_RESIDUAL
 }

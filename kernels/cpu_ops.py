@@ -174,9 +174,10 @@ class DecodeStack:
     """One model's decoder layers as llm_decode_stack takes them: weight pointers gathered once (the weights
     never move after load), scratch for up to max_rows rows. Holds the tensors it points into.
 
-    layers: DecoderLayer modules whose four projections are packed (module.packed), all float32."""
+    layers: DecoderLayer modules whose four projections are packed (module.packed), all float32; final_norm: the
+    model's last RMSNorm (float32), run in the same call, or None."""
 
-    def __init__(self, layers, max_rows: int):
+    def __init__(self, layers, max_rows: int, final_norm=None):
         first = layers[0].self_attn
         self.num_layers, self.max_rows = len(layers), max_rows
         self.hidden = layers[0].input_layernorm.weight.shape[0]
@@ -195,6 +196,7 @@ class DecodeStack:
             self._keep += weights + norms
             structs.append(_DecoderLayer(*(_ptr(t) for t in norms), *map(_packed, weights)))
         self.layers = (_DecoderLayer * len(structs))(*structs)
+        self.final_norm = final_norm
         self._lib = lib = _library()
         floats = lib.llm_decode_stack_scratch_floats(max_rows, self.hidden, self.num_heads, self.num_kv_heads,
                                                      self.head_dim, self.intermediate, xsum_per_row)
@@ -214,7 +216,8 @@ class DecodeStack:
                  kv_caches: list[tuple[torch.Tensor, torch.Tensor]], slot_mapping: torch.Tensor,
                  block_tables: torch.Tensor, context_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, hidden] embeddings of B decode rows -> (the last layer's output, its residual), both [B, hidden],
-        as DecoderLayer.forward returns them."""
+        as DecoderLayer.forward returns them; with a final_norm, (its output, the residual sum), as
+        final_norm(output, residual) returns them."""
         b = x.shape[0]
         assert 0 < b <= self.max_rows and len(kv_caches) == self.num_layers
         k_cache = kv_caches[0][0]
@@ -230,5 +233,6 @@ class DecodeStack:
             self.intermediate, self.eps, self.scale, x.data_ptr(), pos.data_ptr(), cos_sin.data_ptr(),
             slots.data_ptr(), tables.data_ptr(), tables.shape[1], lens.data_ptr(), k_ptrs, v_ptrs,
             _kv_half(k_cache), k_cache.shape[1], self.scratch.data_ptr(), out.data_ptr(),
-            residual.data_ptr())
+            residual.data_ptr(), None if self.final_norm is None else self.final_norm.weight.data_ptr(),
+            0.0 if self.final_norm is None else self.final_norm.eps)
         return out, residual

@@ -69,6 +69,8 @@ class LlamaForCausalLM(nn.Module):
         if stack is not None:
             x, residual = stack(x, positions, cos_sin, kv_caches, meta.slot_mapping, meta.decode_block_tables,
                                 meta.decode_context_lens)
+            if stack.final_norm is not None:   # computed in the same call
+                return x
         else:
             residual = None
             for layer, kv_cache in zip(self.layers, kv_caches):
@@ -92,7 +94,11 @@ class LlamaForCausalLM(nn.Module):
                 and x.device.type == "cpu" and kv_caches and cpu_ops.reads_kv(*kv_caches[0])):
             return None
         if self._decode_stack is None:
-            self._decode_stack = self._can_fuse() and cpu_ops.DecodeStack(self.layers, QUANT_MAX_ROWS)
+            norm = self.norm   # the final norm in the same call, where it is one the kernels compute alike
+            fused_norm = type(norm) is RMSNorm and norm.ops is cpu_ops and norm.weight.dtype == torch.float32 \
+                and norm.weight.device.type == "cpu"
+            self._decode_stack = self._can_fuse() and cpu_ops.DecodeStack(self.layers, QUANT_MAX_ROWS,
+                                                                          norm if fused_norm else None)
         return self._decode_stack or None
 
     def _can_fuse(self) -> bool:
