@@ -3,12 +3,14 @@
 To the core:   AddRequest | AbortRequests | StopSample | EmbedRequest | TranscribeRequest | StatsRequest | Shutdown
 From the core: PhaseUpdate | EngineInfo (ready) | EngineFatal | StepOutputs | EngineStats | EmbedOutput
 (a speech model's TranscriptionOutputs travel in StepOutputs beside TokenOutputs)
-Both loops dispatch on the type; nothing else crosses the pipe.
+Both loops dispatch on the type; nothing else crosses the pipe. What crosses it every step pickles as a tuple of
+its fields (engine/fast_pickle.py).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.fast_pickle import pickled_by_fields
 from engine.multimodal import ImageInput
 from engine.sampling_params import SamplingParams
 from engine.stats import SchedulerStats
@@ -120,6 +122,7 @@ class EngineInfo:
     limit_images_per_prompt: int = 0      # the most images one prompt may hold (vision models)
 
 
+@pickled_by_fields
 @dataclass(frozen=True, slots=True)
 class TokenLogprob:
     """One token's log-probability and the most likely alternatives at its position."""
@@ -128,6 +131,7 @@ class TokenLogprob:
     top: list[tuple[int, float]] = field(default_factory=list)   # (token id, logprob), most likely first
 
 
+@pickled_by_fields
 @dataclass(frozen=True, slots=True)
 class TokenOutput:
     """New tokens of one sample (index) of one request, produced by one engine step.
@@ -151,6 +155,7 @@ class TokenOutput:
         return self.finish_reason is not None
 
 
+@pickled_by_fields
 @dataclass(frozen=True, slots=True)
 class TranscriptionSegment:
     """A stretch of the clip and its text tokens (Whisper's segment, as verbose_json reports it)."""
@@ -163,6 +168,7 @@ class TranscriptionSegment:
     temperature: float
 
 
+@pickled_by_fields
 @dataclass(frozen=True, slots=True)
 class TranscriptionOutput:
     """Progress of one TranscribeRequest: text tokens the client may show now, and segments now final.
@@ -181,6 +187,7 @@ class TranscriptionOutput:
     error: str | None = None
 
 
+@pickled_by_fields
 @dataclass(frozen=True, slots=True)
 class EngineStats:
     """A snapshot for /metrics: the scheduler's figures and what the core counts itself."""
@@ -190,6 +197,7 @@ class EngineStats:
     num_image_cache_hits: int = 0        # images whose embeddings the encoder cache already held
 
 
+@pickled_by_fields
 @dataclass(frozen=True, slots=True)
 class StepOutputs:
     """What one pass of the core's loop produced (immediate outputs of messages, then the step's)."""

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.fast_pickle import pickled_by_fields
 
+
+@pickled_by_fields
 @dataclass(frozen=True, slots=True)
 class SchedulerStats:
     num_running: int = 0            # sequences holding KV blocks (being prefilled or decoded)

@@ -68,3 +68,18 @@ def test_eof_comes_after_the_last_whole_message(pipe):
     assert reader.read() == ["last"]
     with pytest.raises(EOFError):
         reader.read()
+
+
+def test_the_messages_of_every_step_come_back_equal_through_their_fields():
+    """StepOutputs and what it carries pickle as their fields (engine/fast_pickle.py): equal, same types."""
+    from engine.messages import TokenLogprob, TranscriptionOutput, TranscriptionSegment
+    from engine.stats import SchedulerStats
+    segment = TranscriptionSegment(0, 0.0, 1.5, [7, 8], -0.25, 0.01, 0.0)
+    step = StepOutputs([TokenOutput("r-1", 2, [5, 6], [TokenLogprob(5, -0.5, [(5, -0.5), (9, -1.25)])],
+                                    finish_reason="length", num_prompt_tokens=11),
+                        TokenOutput("r-2", 0, []),
+                        TranscriptionOutput("t-1", [7, 8], [segment], finished=True)],
+                       EngineStats(SchedulerStats(1, 2, 100, 30, 64, 32, 1, 500, 77), 3, 1, 0))
+    for message in (step, SchedulerStats(), EngineStats(), TokenLogprob(1, None), segment):
+        back = pickle.loads(pickle.dumps(message))
+        assert back == message and type(back) is type(message)
