@@ -59,6 +59,7 @@ def run_engine_core(config: EngineConfig, requests: Connection, outputs: Connect
     finally:
         gc.enable()
     gc.freeze()
+    _keep_the_heap_while_serving()
     outputs.send(core.info)
     try:
         _serve(core, requests, outputs)
@@ -97,6 +98,22 @@ def _release_freed_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def _keep_the_heap_while_serving() -> None:
+    """NOTE: glibc serves blocks over its mmap threshold (128 KB to start, raised only as such blocks are freed)
+    with fresh mappings, and gives the heap's free top back once it exceeds its trim threshold: a prompt chunk's
+    activations (a few MB a layer) then come back as new pages every step, 1-5k page faults a 128-token prefill at
+    2-10 us each in a VM. Heap blocks up to 32 MB, and no trimming while serving, fault once; the idle trim
+    (_release_freed_memory) still hands it all back after a pause. A no-op off glibc."""
+    try:
+        import ctypes
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 32 << 20)   # glibc's largest (HEAP_MAX_SIZE / 2 on 64-bit)
+    mallopt(m_trim_threshold, 1 << 30)
 
 
 def _serve(core: Core, requests: Connection, outputs: Connection) -> None:
