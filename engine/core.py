@@ -18,17 +18,15 @@ from engine.sampler import Sampler, SamplingRow, compute_prompt_logprobs, make_g
 from engine.request_state import RequestState, Sample
 from engine.scheduler import Batch, Scheduler, SchedulerConfig
 from engine.sequence import Sequence
+from engine.step_threads import SmallStepThreads
 from engine.startup import (StartupError, generation_defaults, initial_max_model_len, num_kv_blocks, pick_device,
                             pick_dtype, pick_kv_dtype)
 from engine.validation import InvalidRequest, check_request
 
 log = logging.getLogger("llm.engine")
 
-# NOTE: on the CPU a decode step of this many sequences or fewer runs on all threads but one. The process the
-# engine streams to (the server, or LLM's caller) detokenizes and sends each token while the next step runs;
-# on all the cores it takes one from the step's threads, whose static halves then wait for it (served c=1 on
-# 2 cores, 256 tokens x6: TPOT median 6.15 -> 5.56 ms on one thread, where offline one thread is only 5% slower
-# than two: a single sequence's step is memory-bound). Larger batches and prompts need every core.
+# a CPU decode step of this many sequences or fewer runs on all threads or all but one, whichever has been
+# faster (engine/step_threads.py); larger batches and prompts get every thread
 SMALL_DECODE_ROWS = 1
 
 
@@ -41,6 +39,8 @@ class EngineCore:
         self.device = pick_device(config.device)
         self._threads = torch.get_num_threads()   # what a step gets (see SMALL_DECODE_ROWS), and its count now
         self._threads_now = self._threads
+        self._small_step_threads = SmallStepThreads(self._threads) \
+            if self.device.type == "cpu" and self._threads >= 2 else None
         on_phase("loading weights")
         files = self._files = ModelFiles.at(config.model)
         self.model_config = model_config = load_config(files)
@@ -233,12 +233,15 @@ class EngineCore:
         return self._outputs(batch, chosen)
 
     def _set_threads(self, batch: Batch) -> None:
-        """All threads but one for a small decode step on the CPU (SMALL_DECODE_ROWS), all for the others.
-        The kernels' sums do not depend on how many threads share them."""
-        if self.device.type != "cpu" or self._threads < 2:
+        """A small decode step's threads on the CPU (SMALL_DECODE_ROWS), all for the others. The kernels' sums
+        do not depend on how many threads share them."""
+        if self._small_step_threads is None:
             return
-        small = batch.is_decode_only and batch.num_seqs <= SMALL_DECODE_ROWS
-        threads = self._threads - 1 if small else self._threads
+        if batch.is_decode_only and batch.num_seqs <= SMALL_DECODE_ROWS:
+            threads = self._small_step_threads.next(time.perf_counter())
+        else:
+            self._small_step_threads.interrupt()
+            threads = self._threads
         if threads != self._threads_now:
             torch.set_num_threads(threads)
             self._threads_now = threads
