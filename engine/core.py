@@ -37,8 +37,7 @@ class EngineCore:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.device = pick_device(config.device)
-        self._threads = torch.get_num_threads()   # what a step gets (see SMALL_DECODE_ROWS), and its count now
-        self._threads_now = self._threads
+        self._threads = torch.get_num_threads()   # what a step gets, but small decode steps (SMALL_DECODE_ROWS)
         self._small_step_threads = SmallStepThreads(self._threads) \
             if self.device.type == "cpu" and self._threads >= 2 else None
         on_phase("loading weights")
@@ -209,7 +208,16 @@ class EngineCore:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        self._set_threads(batch)
+        threads = self._threads_for(batch)
+        if threads == self._threads:
+            return self._step(batch)
+        torch.set_num_threads(threads)   # for this step only (~1 us a call)
+        try:
+            return self._step(batch)
+        finally:
+            torch.set_num_threads(self._threads)
+
+    def _step(self, batch: Batch) -> list[TokenOutput]:
         result = self.runner.execute(batch)
         if result.prompt_logits is not None:
             self._record_prompt_logprobs(batch, result)
@@ -232,19 +240,15 @@ class EngineCore:
         self.scheduler.update(batch, sampled)
         return self._outputs(batch, chosen)
 
-    def _set_threads(self, batch: Batch) -> None:
+    def _threads_for(self, batch: Batch) -> int:
         """A small decode step's threads on the CPU (SMALL_DECODE_ROWS), all for the others. The kernels' sums
         do not depend on how many threads share them."""
         if self._small_step_threads is None:
-            return
+            return self._threads
         if batch.is_decode_only and batch.num_seqs <= SMALL_DECODE_ROWS:
-            threads = self._small_step_threads.next(time.perf_counter())
-        else:
-            self._small_step_threads.interrupt()
-            threads = self._threads
-        if threads != self._threads_now:
-            torch.set_num_threads(threads)
-            self._threads_now = threads
+            return self._small_step_threads.next(time.perf_counter())
+        self._small_step_threads.interrupt()
+        return self._threads
 
     def _record_prompt_logprobs(self, batch: Batch, result: ModelOutput) -> None:
         for row, offset, count in result.prompt_logprob_spans:

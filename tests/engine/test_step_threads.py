@@ -64,6 +64,7 @@ def test_one_sequence_decodes_on_the_chosen_threads_with_the_same_tokens(default
         alone = run_to_completion(core, [[504, 3575, 282, 4990]], params)
         assert {threads for rows, threads in seen if rows == 1} == {1, 2}   # both tried
         assert {threads for rows, threads in seen if rows != 1} == {2}      # the prompt's step
+        assert torch.get_num_threads() == 2   # a step's count is the step's only
         seen.clear()
         together = run_to_completion(core, [[504, 3575, 282, 4990], [17, 42, 99]], params)
         assert {threads for rows, threads in seen if rows == 2} == {2}
