@@ -88,6 +88,12 @@ class GGUFFile:
             raise GGUFError(f"{self.path}: missing metadata key {key}")
         return self.metadata.get(key, default)
 
+    def forget_decoded_strings(self) -> None:
+        """Decoded string arrays (vocabulary, merges) go back to their undecoded form; see LazyStrings.forget."""
+        for value in self.metadata.values():
+            if isinstance(value, LazyStrings):
+                value.forget()
+
     def hf_config(self) -> dict[str, Any]:
         """A Hugging Face config.json-style dict for this model."""
         names = {t.name for t in self.tensor_infos}
@@ -288,6 +294,11 @@ class LazyStrings(Sequence):
                 pos += n
             self._items = out
         return self._items
+
+    def forget(self) -> None:
+        """Drop the decoded strings (they decode again if asked): a header kept in a cache then holds ~1 MB
+        of file offsets, not ~9 MB of Python strings its one reader (the tokenizer build) has copied."""
+        self._items = None
 
     def __len__(self) -> int:
         return self._count

@@ -67,7 +67,11 @@ def load_tokenizer(files: ModelFiles):
     from engine.tokenizer import Tokenizer
     try:
         if files.format == "gguf":
-            return Tokenizer.from_gguf_metadata(gguf_file(files).metadata)
+            header = gguf_file(files)
+            try:
+                return Tokenizer.from_gguf_metadata(header.metadata)
+            finally:   # the tokenizer holds its own copy; the cached header need not keep ~100k strings alive
+                header.forget_decoded_strings()
         return Tokenizer.from_dir(files.path)
     except (OSError, ValueError) as e:
         raise LoadError(f"{files.path}: cannot load the tokenizer ({e})") from None

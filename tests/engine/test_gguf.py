@@ -305,3 +305,19 @@ def test_reading_a_gguf_header_imports_no_gguf_package(tmp_path) -> None:
     code = (f"import sys; from engine.gguf import read_gguf; read_gguf({str(path)!r}).hf_config(); "
             "assert not any(m == 'gguf' or m.startswith('gguf.') for m in sys.modules), 'gguf imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
+def test_tokenizer_load_leaves_the_cached_header_undecoded(default_gguf_path: str) -> None:
+    """The server keeps the parsed header cached (config, tokenizer, weights all read it); after the tokenizer
+    is built, its ~100k strings are not held twice: the header's arrays are back to file offsets, and decode
+    to the same strings when asked again."""
+    from engine.gguf import LazyStrings
+    from engine.model_files import ModelFiles, gguf_file, load_tokenizer
+    files = ModelFiles.at(default_gguf_path)
+    tokenizer = load_tokenizer(files)
+    header = gguf_file(files)   # the cached one the tokenizer was built from
+    arrays = [v for v in header.metadata.values() if isinstance(v, LazyStrings)]
+    assert len(arrays) >= 2 and all(a._items is None for a in arrays)   # vocabulary and merges
+    tokens = header.metadata["tokenizer.ggml.tokens"]
+    assert len(tokens) == tokenizer.vocab_size and tokens == gguf.GGUFReader(default_gguf_path).fields[
+        "tokenizer.ggml.tokens"].contents()
