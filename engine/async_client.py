@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from engine.config import EngineConfig
-from engine.core_process import EngineProcess
+from engine.engine_process import EngineProcess
 from engine.multimodal import ImageInput
 from engine.pipe_frames import FrameReader
 from engine.messages import (AbortRequests, AddRequest, EmbedOutput, EmbedRequest, EngineFatal, EngineInfo,

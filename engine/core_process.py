@@ -1,4 +1,5 @@
-"""The engine core in its own process: a loop over a pipe of the typed messages in engine/messages.py.
+"""The engine core in its own process: a loop over a pipe of the typed messages in engine/messages.py
+(engine/engine_process.py is the parent's handle on it).
 
 The process is a fresh interpreter (`python -m engine.core_process`, or the packaged executable with
 ENGINE_FLAG) that inherits two pipe ends; it never imports its parent's main module, so a user's script
@@ -8,13 +9,10 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import signal
-import subprocess
 import sys
 import traceback
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Protocol
 
 from engine.config import EngineConfig
@@ -24,9 +22,6 @@ from engine.messages import (AbortRequests, AddRequest, EmbedOutput, EmbedReques
 
 log = logging.getLogger("llm.engine")
 IDLE_TRIM_S = 1.0   # idle this long after work: hand the allocator's freed memory back to the OS
-
-ENGINE_FLAG = "--llm-engine-core"   # the packaged executable (launcher/frozen.py) runs the core when given this
-
 
 class Core(Protocol):
     """What the loop drives: EngineCore (decoders), PoolingCore (encoders and classifiers) and SpeechCore
@@ -190,95 +185,6 @@ def main(argv: list[str] | None = None) -> None:
     config = requests.recv()
     assert isinstance(config, EngineConfig), type(config)
     run_engine_core(config, requests, outputs)
-
-
-def engine_command(requests_fd: int, outputs_fd: int) -> list[str]:
-    if getattr(sys, "frozen", False):   # the packaged build: the executable itself, see launcher/frozen.py
-        return [sys.executable, ENGINE_FLAG, str(requests_fd), str(outputs_fd)]
-    return [sys.executable, "-m", "engine.core_process", str(requests_fd), str(outputs_fd)]
-
-
-class EngineProcess:
-    """Handle on the engine process: start it, send messages, receive messages."""
-
-    def __init__(self, config: EngineConfig):
-        self.config = config
-        self.process: subprocess.Popen | None = None
-        self._requests: Connection | None = None
-        self._outputs: Connection | None = None
-
-    def start(self) -> None:
-        """Spawn the engine process and send it its config (once: a second call does nothing)."""
-        if self.process is not None:
-            return
-        child_requests, requests = os.pipe()
-        outputs, child_outputs = os.pipe()
-        env = dict(os.environ)
-        # The child imports `engine` from where this process found it, whatever its working directory.
-        root = str(Path(__file__).resolve().parents[1])
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        try:
-            self.process = subprocess.Popen(engine_command(child_requests, child_outputs), env=env,
-                                            pass_fds=(child_requests, child_outputs), stdin=subprocess.DEVNULL)
-        finally:
-            # Our copies of the child's ends close, so EOF is seen on either side when the other dies.
-            os.close(child_requests)
-            os.close(child_outputs)
-        self._requests = Connection(requests, readable=False)
-        self._outputs = Connection(outputs, writable=False)
-        self.send(self.config)
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
-
-    @property
-    def exit_code(self) -> int | None:
-        return self.process.poll() if self.process is not None else None
-
-    def send(self, msg: ToCore | EngineConfig) -> None:
-        self._requests.send(msg)
-
-    def recv(self, timeout: float | None = None):
-        """The next message (a FromCore), or None on timeout; raises EOFError when the process is gone."""
-        if timeout is not None and not self._outputs.poll(timeout):
-            return None
-        return self._outputs.recv()
-
-    def outputs_fileno(self) -> int:
-        """The read end of the engine's output pipe (the async client waits on it in its event loop)."""
-        return self._outputs.fileno()
-
-    def shutdown(self, timeout: float = 10.0) -> None:
-        self.stop(timeout)
-        self.close()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Ask the process to shut down and wait for it (past timeout: terminate, then kill); the pipes stay
-        open, so what it sends on its way out can still be read."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        try:
-            self.send(Shutdown())
-        except (BrokenPipeError, OSError):
-            pass
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.terminate()
-            try:
-                self.process.wait(2)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def close(self) -> None:
-        """Close the pipes (after stop)."""
-        if self.process is None:
-            return
-        for conn in (self._requests, self._outputs):
-            conn.close()
-        self.process = None
 
 
 if __name__ == "__main__":

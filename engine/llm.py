@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
-from engine.core_process import EngineProcess
+from engine.engine_process import EngineProcess
 from engine.loader import ModelFiles, load_tokenizer
 from engine.messages import (AbortRequests, AddRequest, EngineFatal, EngineInfo, PhaseUpdate, StepOutputs,
                              StopSample)

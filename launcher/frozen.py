@@ -8,7 +8,7 @@ import os
 import sys
 
 from engine.config import TP_WORKER_FLAG
-from engine.core_process import ENGINE_FLAG
+from engine.engine_process import ENGINE_FLAG
 from launcher.supervise import SERVER_FLAG
 
 

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     # The at_start models' engines start first: each imports torch and loads weights while this process
     # imports Sanic and the handlers (~0.3 s), instead of after.
-    from engine.core_process import EngineProcess
+    from engine.engine_process import EngineProcess
     started = {i: EngineProcess(m.engine) for i, m in enumerate(spec.models) if m.load == "at_start"}
     for process in started.values():
         process.start()

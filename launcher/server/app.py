@@ -30,7 +30,7 @@ from launcher.server.state import ServerState
 from launcher.server.upstream import UpstreamRoute
 
 if TYPE_CHECKING:
-    from engine.core_process import EngineProcess
+    from engine.engine_process import EngineProcess
 
 
 def build_app(settings: ServerSettings, models: tuple[ModelSettings, ...],

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.async_client import AsyncEngineClient
-from engine.core_process import EngineProcess
+from engine.engine_process import EngineProcess
 from engine.model_files import ModelFiles, load_config, load_tokenizer
 from engine.model_kinds import is_whisper_model, pooling_facts
 from engine.messages import EngineInfo

@@ -12,7 +12,7 @@ from launcher.server.errors import APIError, not_ready
 from launcher.server.registry import ModelRegistry
 from launcher.server.response_store import ResponseStore
 from launcher.server.served_model import ServedModel
-from engine.core_process import EngineProcess
+from engine.engine_process import EngineProcess
 from launcher.server.settings import ModelSettings, ServerSettings, UpstreamSettings
 from launcher.server.upstream import Upstream
 

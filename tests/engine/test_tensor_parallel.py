@@ -238,7 +238,7 @@ def test_a_worker_that_dies_before_joining_fails_the_start_at_once(gqa, monkeypa
 
 
 def test_a_killed_worker_fails_the_waiting_requests(gqa):
-    from engine.core_process import EngineProcess
+    from engine.engine_process import EngineProcess
     config = _config(gqa, 2, cpu_kernels=True)
     engine = EngineProcess(config)
     engine.start()
@@ -269,7 +269,7 @@ def test_a_killed_worker_fails_the_waiting_requests(gqa):
 
 
 def test_the_engine_process_stops_its_workers(gqa):
-    from engine.core_process import EngineProcess
+    from engine.engine_process import EngineProcess
     engine = EngineProcess(_config(gqa, 2, cpu_kernels=False))
     engine.start()
     try:

@@ -23,3 +23,12 @@ def test_the_server_process_imports_no_torch(default_gguf_path):
     result = subprocess.run([sys.executable, "-c", SCRIPT, default_gguf_path], cwd=REPO, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_engine_handle_imports_little_before_the_spawn():
+    """The server spawns its engines first thing; what the handle imports delays the engine's torch import."""
+    script = ("import sys, engine.engine_process\n"
+              "late = [m for m in ('engine.messages', 'engine.core_process', 'hashlib') if m in sys.modules]\n"
+              "assert not late, late\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
