@@ -2,7 +2,7 @@
 (engine/engine_process.py is the parent's handle on it).
 
 The process is a fresh interpreter (`python -m engine.core_process`, or the packaged executable with
-ENGINE_FLAG) that inherits two pipe ends; it never imports its parent's main module, so a user's script
+engine_process.ENGINE_FLAG) that inherits two pipe ends; it never imports its parent's main module, so a user's script
 needs no `if __name__ == "__main__":` guard (multiprocessing's spawn would re-run it in the child).
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from engine.messages import (AbortRequests, AddRequest, EmbedOutput, EmbedReques
 
 log = logging.getLogger("llm.engine")
 IDLE_TRIM_S = 1.0   # idle this long after work: hand the allocator's freed memory back to the OS
+
 
 class Core(Protocol):
     """What the loop drives: EngineCore (decoders), PoolingCore (encoders and classifiers) and SpeechCore
